@@ -90,7 +90,7 @@ class PixelCNN(nn.Module):
         self.out = nn.Sequential(nn.ELU(), nn.Conv2d(c, c, 1), nn.ELU(), nn.Conv2d(c, LEVELS, 1))
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        x = x.float() / 127.5 - 1.0
+        x = x.to(self.v_in.weight.dtype) / 127.5 - 1.0  # uint8 or float pixel values 0..255
         v, h = self.v_in(x), self.h_in(x)
         for layer in self.layers:
             v, h = layer(v, h, y)

@@ -1,0 +1,53 @@
+"""Torch side of the contracts: one nn.Module per graph whose forward(*inputs) matches the contract's
+inputs and outputs exactly, so export, parity checks and benchmarks all trace the same thing."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from exporters.contracts import FLOW_LATENTS, GraphContract
+
+
+class FlowSample(nn.Module):
+    """flow.sample: z (B,784) -> the three RealNVP latents (FLOW_LATENTS order) -> image (B,1,28,28) in [0,1]."""
+
+    def __init__(self, flow: nn.Module):
+        super().__init__()
+        self.flow = flow
+
+    def forward(self, z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        sizes = [c * h * w for _, (c, h, w) in FLOW_LATENTS]
+        parts = torch.split(z, sizes, dim=1)
+        zs = [p.reshape(-1, *shape) for p, (_, shape) in zip(parts, FLOW_LATENTS)]
+        return self.flow.sample_from_latents(zs, y)
+
+
+class FlowLogProb(nn.Module):
+    """flow.log_prob: continuous x (B,1,28,28) in [0,1] -> bits/dim (B,)."""
+
+    def __init__(self, flow: nn.Module):
+        super().__init__()
+        self.flow = flow
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return self.flow.bits_per_dim(x, y)
+
+
+def graph_module(contract: GraphContract, model: nn.Module) -> nn.Module:
+    """The module to export for one contract, given the family's shipped module (from load_model)."""
+    key = contract.key
+    if key == "gan.generate":
+        return model
+    if key == "vae.decode":
+        return model.decoder
+    if key == "vae.encode":
+        return model.encoder
+    if key == "flow.sample":
+        if [tuple(s) for s in model.latent_shapes()] != [s for _, s in FLOW_LATENTS]:
+            raise ValueError(f"flow latent shapes {model.latent_shapes()} differ from the contract's")
+        return FlowSample(model)
+    if key == "flow.log_prob":
+        return FlowLogProb(model)
+    if key in ("pixelcnn.logits", "diffusion.denoise"):
+        return model
+    raise ValueError(f"no torch module for graph {key}")
