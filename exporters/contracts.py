@@ -170,3 +170,19 @@ def sample_inputs(contract: GraphContract, batch: int, rng: np.random.Generator)
             v = rng.standard_normal(shape)
         out[spec.name] = np.ascontiguousarray(v, dtype=spec.dtype)
     return out
+
+
+def markdown_table(config_by_family: dict[str, dict[str, Any]] | None = None) -> str:
+    """The contracts as a markdown table, for docs: `python -m exporters.contracts` (default configs)."""
+    def fmt(t: TensorSpec) -> str:
+        return f"{t.name} [{','.join('B' if d == BATCH else str(d) for d in t.shape)}] {t.dtype} ({t.domain.value})"
+
+    rows = ["| family | graph | inputs | outputs |", "|---|---|---|---|"]
+    for family in ("gan", "vae", "flow", "pixelcnn", "diffusion"):
+        for c in contracts_for(family, (config_by_family or {}).get(family, {})):
+            rows.append(f"| {family} | {c.graph} | {'; '.join(map(fmt, c.inputs))} | {'; '.join(map(fmt, c.outputs))} |")
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    print(markdown_table())

@@ -189,3 +189,47 @@ def time_engine(engine_path: Path, contract: GraphContract, batches: Sequence[in
         end.synchronize()
         result[batch] = start.elapsed_time(end) / iters
     return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m exporters.tensorrt`: build and time engines for the store's latest versions (a GPU-machine
+    check; engines are not published, as they are tied to one GPU model and TensorRT version)."""
+    import argparse
+    import datetime
+
+    from model_store import ModelStore
+
+    parser = argparse.ArgumentParser(prog="python -m exporters.tensorrt", description=main.__doc__)
+    parser.add_argument("--store", default=None, help="model store (default: $GENSERVE_STORE, else ./model_store_data)")
+    parser.add_argument("--models", nargs="*", default=None, help="default: every model in the store")
+    parser.add_argument("--out", type=Path, default=Path("build/tensorrt"), help="where engines are written")
+    parser.add_argument("--fp16", action="store_true", help="also build and time FP16 engines")
+    parser.add_argument("--max-batch", type=int, default=64)
+    args = parser.parse_args(argv)
+
+    reason = unavailable_reason()
+    if reason:
+        print(f"TensorRT path skipped: {reason}")
+        return 0
+    store = ModelStore.open(args.store)
+    profile = BatchProfile(1, min(16, args.max_batch), args.max_batch)
+    print(f"{datetime.date.today()} {_gpu_name()} TensorRT {_require().__version__}, profile {profile}")
+    print("| graph | precision | build s | ms @1 | ms @opt | ms @max |\n|---|---|---:|---:|---:|---:|")
+    for model in args.models or store.models():
+        loaded = store.load(model)
+        folder = args.out / model / loaded.manifest.version
+        folder.mkdir(parents=True, exist_ok=True)
+        for contract in loaded.manifest.graphs:
+            onnx_path = folder / contract.onnx_file
+            onnx_path.write_bytes(loaded.graph_bytes(contract.graph))
+            for fp16 in (False, True) if args.fp16 else (False,):
+                built = build_engine(onnx_path, folder / f"{contract.graph}{'.fp16' if fp16 else ''}.plan", contract,
+                                     profile=profile, fp16=fp16)
+                ms = time_engine(built.path, contract, [profile.min, profile.opt, profile.max])
+                print(f"| {model}.{contract.graph} | {'fp16' if fp16 else 'fp32'} | {built.build_seconds:.1f} | "
+                      + " | ".join(f"{ms[b]:.3f}" for b in (profile.min, profile.opt, profile.max)) + " |", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

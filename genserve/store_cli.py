@@ -19,8 +19,12 @@ def _ls(args: argparse.Namespace) -> None:
         aliases = store.aliases(model)
         rows = []
         for version in store.versions(model):
-            m = store.manifest(f"{model}@{version}")
             pins = ",".join(sorted(a for a, v in aliases.items() if v == version)) or "-"
+            try:
+                m = store.manifest(f"{model}@{version}")
+            except IntegrityError:
+                rows.append(("", f"{model:<10} {version:<14} {'?':<26} {pins:<16} unreadable manifest: run verify"))
+                continue
             metrics = " ".join(f"{k}={m.metrics[k]:.4g}" for k in _METRIC_KEYS
                                if isinstance(m.metrics.get(k), (int, float)))
             rows.append((m.created_at, f"{model:<10} {version:<14} {m.created_at:<26} {pins:<16} {metrics}"))

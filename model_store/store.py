@@ -110,7 +110,10 @@ class ModelStore:
     def manifest(self, ref: str) -> Manifest:
         """The manifest as stored, NOT verified: for listing. Use load() for anything served."""
         model, version = self.resolve(ref)
-        return Manifest.from_json(self.backend.read_bytes(f"{model}/{version}/{MANIFEST_FILE}"))
+        try:
+            return Manifest.from_json(self.backend.read_bytes(f"{model}/{version}/{MANIFEST_FILE}"))
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise IntegrityError(f"{model}@{version}: unreadable {MANIFEST_FILE}: {exc!r}") from exc
 
     def load(self, ref: str) -> LoadedVersion:
         """Resolve, then verify every file against the manifest; raise IntegrityError on any mismatch,

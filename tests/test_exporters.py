@@ -1,0 +1,196 @@
+"""Exporters: every graph of every family exports, matches its contract and agrees with torch; the runtime
+picks providers by what the machine has; TensorRT says clearly why it is unavailable here."""
+from __future__ import annotations
+
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from exporters import contracts as C
+from exporters.contracts import BATCH, GraphContract, contracts_for, sample_inputs
+from exporters.graphs import FlowSample, graph_module
+from exporters.onnx_export import ContractError, ParityError, check_graph, check_parity, export_family, export_onnx
+from exporters.runtime import choose_providers, make_session, tensorrt_provider_options
+from exporters.tensorrt import BatchProfile, TensorRTUnavailable, build_engine, unavailable_reason
+from families.checkpoint import config_to_dict
+from families.registry import FAMILIES, get_family
+
+torch.set_num_threads(1)
+
+# Tiny widths: the graphs' structure (and so the export paths) is the same as the shipped sizes.
+SMALL = {"gan": dict(g_width=16, z_dim=32), "vae": dict(width=8, latent_dim=4),
+         "flow": dict(hidden=8, couplings_per_stage=1), "pixelcnn": dict(hidden=8, dilations=(1, 2)),
+         "diffusion": dict(channels=(8, 16, 16), emb_dim=16)}
+
+
+def tiny_model(family: str, seed: int = 0) -> tuple[torch.nn.Module, dict]:
+    """A small random model; every weight is perturbed, so zero-initialised output layers (flow,
+    diffusion) do not make parity trivially exact."""
+    spec = get_family(family)
+    config = spec.Config(**SMALL[family])
+    torch.manual_seed(seed)
+    model = spec.build(config).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return model, config_to_dict(config)
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory) -> dict[str, tuple[torch.nn.Module, list]]:
+    out = {}
+    for family in FAMILIES:
+        model, config = tiny_model(family)
+        out[family] = (model, export_family(family, model, config, tmp_path_factory.mktemp(family), threads=1))
+    return out
+
+
+GRAPHS = [(f, c.graph) for f in FAMILIES for c in contracts_for(f, config_to_dict(get_family(f).Config(**SMALL[f])))]
+
+
+def _graph(exported, family, graph):
+    model, graphs = exported[family]
+    return model, next(g for g in graphs if g.contract.graph == graph)
+
+
+@pytest.mark.parametrize("family,graph", GRAPHS, ids=[f"{f}.{g}" for f, g in GRAPHS])
+def test_parity_at_batch_1_and_37(exported, family, graph):
+    _, g = _graph(exported, family, graph)
+    assert set(g.parity) == {1, 37}
+    assert max(g.parity.values()) <= 1e-4
+    assert g.optimization is not None and g.optimization.nodes_after <= g.optimization.nodes_before
+
+
+@pytest.mark.parametrize("family,graph", GRAPHS, ids=[f"{f}.{g}" for f, g in GRAPHS])
+def test_graph_matches_its_contract(exported, family, graph):
+    model, g = _graph(exported, family, graph)
+    proto = check_graph(g.path, g.contract)
+    assert {n.domain for n in proto.graph.node} <= {""}          # portable: no ORT contrib ops
+    assert [(o.domain, o.version) for o in proto.opset_import] == [("", C.OPSET)] and C.OPSET >= 17
+    for value in [*proto.graph.input, *proto.graph.output]:
+        assert value.type.tensor_type.shape.dim[0].dim_param == BATCH
+    session = make_session(g.path, threads=1)
+    assert [i.name for i in session.get_inputs()] == [t.name for t in g.contract.inputs]
+    assert [o.name for o in session.get_outputs()] == [t.name for t in g.contract.outputs]
+    for batch in (3, 8):  # batches never seen at export or parity time
+        outputs = session.run(None, sample_inputs(g.contract, batch, np.random.default_rng(batch)))
+        for spec, value in zip(g.contract.outputs, outputs):
+            assert value.shape == spec.concrete_shape(batch) and value.dtype == np.dtype(spec.dtype)
+            assert np.isfinite(value).all()
+            if spec.domain is C.Domain.UNIT:
+                assert value.min() >= 0.0 and value.max() <= 1.0
+            if spec.domain is C.Domain.SIGNED:
+                assert value.min() >= -1.0 and value.max() <= 1.0
+
+
+def test_contracts_cover_every_family_and_read_sizes_from_the_config():
+    assert {f: [c.graph for c in contracts_for(f, {})] for f in FAMILIES} == {
+        "vae": ["decode", "encode"], "gan": ["generate"], "flow": ["sample", "log_prob"],
+        "pixelcnn": ["logits"], "diffusion": ["denoise"]}
+    gan = contracts_for("gan", {"z_dim": 32})[0]
+    assert gan.inputs[0].shape == (BATCH, 32) and gan.inputs[1].dtype == "int64"
+    den = contracts_for("diffusion", {})[0]
+    assert [(t.name, t.dtype) for t in den.inputs] == [("x", "float32"), ("t", "int64"), ("y", "int64")]
+    for family in FAMILIES:
+        for c in contracts_for(family, {}):
+            assert GraphContract.from_dict(c.to_dict()) == c
+            assert all(t.shape[0] == BATCH for t in (*c.inputs, *c.outputs))
+    with pytest.raises(ValueError, match="image_size"):
+        contracts_for("flow", {"image_size": 32})
+
+
+def test_contract_constants_mirror_the_training_code():
+    from families import common, pixelcnn
+    from serving.samplers.schedule import NUM_TRAIN_TIMESTEPS
+
+    assert (C.IMAGE_SHAPE, C.NUM_PIXELS, C.NUM_CLASSES, C.NULL_CLASS) == \
+           (common.IMAGE_SHAPE, common.NUM_PIXELS, common.NUM_CLASSES, common.NULL_CLASS)
+    assert C.NUM_TRAIN_TIMESTEPS == NUM_TRAIN_TIMESTEPS and C.LEVELS == pixelcnn.LEVELS
+    flow = get_family("flow").build(get_family("flow").Config(hidden=8, couplings_per_stage=1))
+    assert [tuple(s) for s in flow.latent_shapes()] == [s for _, s in C.FLOW_LATENTS]
+
+
+def test_sample_inputs_stay_in_domain():
+    y = sample_inputs(contracts_for("diffusion", {})[0], 4000, np.random.default_rng(0))
+    assert y["y"].min() == 0 and y["y"].max() == C.NULL_CLASS        # includes the "no class" id
+    assert y["t"].min() >= 0 and y["t"].max() < C.NUM_TRAIN_TIMESTEPS
+    px = sample_inputs(contracts_for("pixelcnn", {})[0], 2, np.random.default_rng(0))["x"]
+    assert px.dtype == np.float32 and np.array_equal(px, np.round(px)) and px.max() <= 255
+
+
+def test_flow_sample_latent_order_is_z1_z2_z3():
+    model, _ = tiny_model("flow")
+    z = torch.randn(3, C.NUM_PIXELS)
+    y = torch.tensor([0, 5, C.NULL_CLASS])
+    z1, z2, z3 = z[:, :392].reshape(3, 2, 14, 14), z[:, 392:588].reshape(3, 4, 7, 7), z[:, 588:].reshape(3, 4, 7, 7)
+    torch.testing.assert_close(FlowSample(model)(z, y), model.sample_from_latents([z1, z2, z3], y))
+
+
+def test_parity_failure_is_an_error(tmp_path):
+    model, config = tiny_model("vae")
+    contract = contracts_for("vae", config)[0]
+    export_onnx(graph_module(contract, model), contract, tmp_path / "decode.onnx")
+    with torch.no_grad():
+        model.decoder.fc[0].bias.add_(1.0)                 # torch moves on, the graph does not
+    with pytest.raises(ParityError, match="vae.decode: ONNX Runtime vs torch max abs error"):
+        check_parity(graph_module(contract, model), contract, tmp_path / "decode.onnx", threads=1)
+
+
+def test_contract_mismatch_is_an_error(tmp_path):
+    model, config = tiny_model("gan")
+    contract = contracts_for("gan", config)[0]
+    export_onnx(model, contract, tmp_path / "g.onnx")
+    renamed = GraphContract(contract.family, contract.graph, (contract.inputs[1], contract.inputs[0]), contract.outputs)
+    with pytest.raises(ContractError, match="inputs"):
+        check_graph(tmp_path / "g.onnx", renamed)
+    wrong = contracts_for("gan", {"z_dim": 7})[0]
+    with pytest.raises(ContractError, match="shape"):
+        check_graph(tmp_path / "g.onnx", wrong)
+    assert onnx.load(str(tmp_path / "g.onnx")).graph.output[0].name == "x"
+
+
+# ---- runtime provider choice and TensorRT --------------------------------------------------------
+
+def test_this_cpu_machine_runs_on_the_cpu_provider_and_says_why():
+    choice = choose_providers()
+    assert choice.providers == ["CPUExecutionProvider"]
+    assert choice.reason.startswith("CPU: ")
+
+
+@pytest.mark.parametrize("available,gpu,expected,reason", [
+    (["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"], True,
+     ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"], "GPU found"),
+    (["CUDAExecutionProvider", "CPUExecutionProvider"], True, ["CUDAExecutionProvider", "CPUExecutionProvider"], "GPU found"),
+    (["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"], False, ["CPUExecutionProvider"],
+     "no NVIDIA GPU is visible"),
+    (["CPUExecutionProvider"], True, ["CPUExecutionProvider"], "install onnxruntime-gpu"),
+])
+def test_provider_order_is_tensorrt_cuda_cpu(available, gpu, expected, reason):
+    choice = choose_providers(available, has_gpu=gpu)
+    assert choice.providers == expected and reason in choice.reason
+
+
+def test_tensorrt_provider_profile_covers_the_batch_axis():
+    opts = tensorrt_provider_options(contracts_for("gan", {"z_dim": 64})[0], min_batch=1, opt_batch=8, max_batch=64)
+    assert opts["trt_profile_min_shapes"] == "z:1x64,y:1"
+    assert opts["trt_profile_opt_shapes"] == "z:8x64,y:8"
+    assert opts["trt_profile_max_shapes"] == "z:64x64,y:64"
+
+
+def test_tensorrt_is_unavailable_here_with_a_reason(tmp_path):
+    reason = unavailable_reason()
+    assert reason  # this CPU machine: no tensorrt package or no GPU
+    with pytest.raises(TensorRTUnavailable, match="TensorRT path skipped: "):
+        build_engine(tmp_path / "g.onnx", tmp_path / "g.plan", contracts_for("gan", {})[0])
+    assert not (tmp_path / "g.plan").exists()
+    with pytest.raises(ValueError, match="min <= opt <= max"):
+        BatchProfile(min=4, opt=2, max=8)
+
+
+def test_tensorrt_command_skips_with_the_reason(capsys, tmp_path):
+    from exporters.tensorrt import main
+
+    assert main(["--store", str(tmp_path)]) == 0
+    assert capsys.readouterr().out.startswith("TensorRT path skipped: ")
