@@ -20,7 +20,7 @@ class Config:
     emb_dim: int = 128           # time + class embedding width
     class_dropout: float = 0.1   # share of labels replaced by NULL_CLASS, the usual CFG recipe
     ema_decay: float = 0.999     # samples come from an EMA of the weights: far less noisy on short runs
-    steps: int = 8000
+    steps: int = 5000
     batch_size: int = 64
     lr: float = 2e-4
 
@@ -151,13 +151,14 @@ def make_trainer(model: UNet, config: Config) -> DiffusionTrainer:
     return DiffusionTrainer(model, config)
 
 
-# Default inference settings: DPM-Solver++(2M) reaches DDIM-50 quality in ~20 steps (Lu et al. 2022).
-DEFAULT_SAMPLING = {"sampler": "dpmpp_2m", "steps": 20, "guidance_scale": 2.0}
+# Default inference settings: guided DPM-Solver++(2M) gives good samples in 10-20 steps (Lu et al. 2022);
+# 10 keeps a 10,000-sample evaluation affordable on a 2-core CPU.
+DEFAULT_SAMPLING = {"sampler": "dpmpp_2m", "steps": 10, "guidance_scale": 2.0}
 
 
 @torch.no_grad()
 def sample(model: UNet, y: torch.Tensor, generator: torch.Generator, *, sampler: str = "dpmpp_2m",
-           steps: int = 20, guidance_scale: float = 2.0) -> torch.Tensor:
+           steps: int = 10, guidance_scale: float = 2.0) -> torch.Tensor:
     """Images (B,1,28,28) uint8 for class ids y (B,), NULL_CLASS for unconditional."""
     from serving.samplers.loop import sample as sample_loop
 

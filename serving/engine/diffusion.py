@@ -1,0 +1,113 @@
+"""The diffusion family around the forward pass: lay the planned requests out as denoiser rows, and
+apply each request's own sampler step (DDIM or DPM-Solver++(2M)) to what the forward returned.
+
+Row layout: requests in plan order, each taking a contiguous block: its n conditional rows, then,
+when guided, its n unconditional rows (class NULL_CLASS) at the same x_t and t. So classifier-free
+guidance costs rows in the SAME forward, never a second one.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from exporters.contracts import NULL_CLASS
+from serving.engine.request import DiffusionState
+from serving.engine.runner import DenoiseRunner
+from serving.engine.scheduler import StepPlan
+from serving.samplers import (FINAL_TIMESTEP, DPMSolverState, alphas_at, ddim_step, dpm_solver_pp_2m_step,
+                              linear_alphas_cumprod)
+from serving.samplers.loop import classifier_free_guidance
+
+
+def to_uint8(x0: torch.Tensor) -> torch.Tensor:
+    """x_0 in [-1, 1] (clamped) -> uint8 images, as families.common.from_signed."""
+    return ((x0.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+
+
+class DiffusionStepper:
+    def __init__(self, runner: DenoiseRunner):
+        self.runner = runner
+        self.alphas_cumprod = linear_alphas_cumprod()  # [1000] float32, the training schedule
+
+    def execute(self, plan: StepPlan) -> torch.Tensor:
+        """Runs once per step, off the event loop: ONE forward over plan.num_rows rows -> eps [R, 1, 28, 28]."""
+        xs, ts, ys = [], [], []
+        for s in plan.requests:
+            n, t = s.request.n, s.timesteps[s.steps_done]
+            copies = 2 if s.request.guided else 1
+            xs += [s.x] * copies
+            ts.append(torch.full((n * copies,), t, dtype=torch.int64))
+            ys.append(torch.full((n,), s.request.class_id, dtype=torch.int64))
+            if s.request.guided:
+                ys.append(torch.full((n,), NULL_CLASS, dtype=torch.int64))
+        return self.runner.execute(torch.cat(xs), torch.cat(ts), torch.cat(ys))
+
+    def update(self, plan: StepPlan, eps_rows: torch.Tensor) -> None:
+        """Runs after the forward: each request's sampler step on its images, batched per sampler with
+        per-image coefficients; writes each state's new x (and DPM-Solver++ history). Images are the
+        unit from here on: N = sum of n over the plan."""
+        states: list[DiffusionState] = plan.requests
+        cond, uncond, scale = [], [], []  # per image: its rows in eps_rows, and its guidance scale
+        row = 0
+        for s in states:
+            n = s.request.n
+            cond.append(torch.arange(row, row + n))
+            # unguided: the conditional row doubles as the unconditional one, and ε_c + 1·0 = ε_c exactly
+            uncond.append(torch.arange(row + n, row + 2 * n) if s.request.guided else cond[-1])
+            scale.append(torch.full((n,), s.request.guidance_scale if s.request.guided else 1.0))
+            row += s.rows
+        eps = classifier_free_guidance(eps_rows[torch.cat(cond)], eps_rows[torch.cat(uncond)], torch.cat(scale))
+
+        x = torch.cat([s.x for s in states])  # [N, 1, 28, 28]
+        t = torch.cat([torch.full((s.request.n,), s.timesteps[s.steps_done]) for s in states])  # [N]
+        t_prev = torch.cat([torch.full((s.request.n,), _next_timestep(s)) for s in states])  # [N]
+        alpha_t, alpha_prev = alphas_at(self.alphas_cumprod, t), alphas_at(self.alphas_cumprod, t_prev)
+        offsets = torch.tensor([0] + [s.request.n for s in states]).cumsum(0).tolist()  # request i: images [o_i, o_i+1)
+
+        for sampler in ("ddim", "dpmpp_2m"):
+            members = [i for i, s in enumerate(states) if s.request.sampler == sampler]
+            if not members:
+                continue
+            idx = torch.cat([torch.arange(offsets[i], offsets[i + 1]) for i in members])
+            if sampler == "ddim":
+                x_new = self._ddim(x[idx], eps[idx], alpha_t[idx], alpha_prev[idx], [states[i] for i in members])
+            else:
+                x_new = self._dpm(x[idx], eps[idx], alpha_t[idx], alpha_prev[idx], [states[i] for i in members])
+            start = 0
+            for i in members:
+                n = states[i].request.n
+                states[i].x = x_new[start:start + n]
+                start += n
+
+    @staticmethod
+    def _ddim(x, eps, alpha_t, alpha_prev, states: list[DiffusionState]) -> torch.Tensor:
+        """DDIM on the images of `states` (x, eps [M, 1, 28, 28]; alphas [M]). Noise for eta > 0 comes from
+        each request's own generator, one randn([n, 1, 28, 28]) per step, as loop.sample draws it."""
+        eta = torch.cat([torch.full((s.request.n,), float(s.request.eta), dtype=torch.float64) for s in states])
+        noise = None
+        if any(s.request.eta > 0 for s in states):
+            noise = torch.cat([torch.randn(s.x.shape, generator=s.generator) if s.request.eta > 0
+                               else torch.zeros_like(s.x) for s in states])  # σ = 0 rows add exactly 0
+        return ddim_step(x, eps, alpha_t, alpha_prev, eta, noise)
+
+    @staticmethod
+    def _dpm(x, eps, alpha_t, alpha_prev, states: list[DiffusionState]) -> torch.Tensor:
+        """DPM-Solver++(2M) on the images of `states`; each request's history is cat'ed in and split back out."""
+        # the last step is first order, as loop.sample and diffusers' lower_order_final default
+        last = torch.cat([torch.full((s.request.n,), s.steps_done == s.steps_total - 1) for s in states])
+        x_new, history = dpm_solver_pp_2m_step(x, eps, alpha_t, alpha_prev,
+                                               DPMSolverState.cat([s.solver for s in states]), last)
+        start = 0
+        for s in states:
+            s.solver = history[start:start + s.request.n]
+            start += s.request.n
+        return x_new
+
+    def images(self, state: DiffusionState) -> torch.Tensor:
+        """Runs when a request finishes: its x_0 as uint8 [n, 1, 28, 28]."""
+        return to_uint8(state.x)
+
+
+def _next_timestep(s: DiffusionState) -> int:
+    """The timestep this step lands on: the next listed one, or 'clean data' after the last."""
+    return s.timesteps[s.steps_done + 1] if s.steps_done + 1 < s.steps_total else FINAL_TIMESTEP

@@ -1,0 +1,121 @@
+"""The step scheduler: CPU bookkeeping only. Before each forward it drops requests that were cancelled
+or whose deadline passed and admits waiting ones FCFS up to the row budget; after it, it counts the
+step and frees finished requests. It never touches tensors or the model."""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from serving.engine.request import RequestState, Status
+
+
+@dataclass
+class StepPlan:
+    """What one engine step runs: the scheduler's output, read by the stepper and by metrics."""
+
+    requests: list[RequestState]                                # stepped this iteration, in batch order
+    joined: list[str] = field(default_factory=list)            # ids admitted at this step (first forward)
+    dropped: list[RequestState] = field(default_factory=list)  # cancelled/expired since the last step
+    num_rows: int = 0                                           # forward rows: sum of requests' rows
+    max_rows: int = 0                                           # the row budget this plan was made under
+    num_waiting: int = 0                                        # queue length after admission
+
+
+class Scheduler:
+    """FCFS with a row budget. A request takes `state.rows` rows for its whole life (n, or 2n when
+    guided), so the batch size of every forward is known at admission."""
+
+    def __init__(self, max_rows: int):
+        self.max_rows = max_rows
+        self.waiting: deque[RequestState] = deque()   # arrival order
+        self.running: list[RequestState] = []         # admission order = batch order
+        self.requests: dict[str, RequestState] = {}   # request_id -> state, until it leaves
+
+    @property
+    def max_rows(self) -> int:
+        return self._max_rows
+
+    @max_rows.setter
+    def max_rows(self, value: int) -> None:
+        """Changeable live (Ray Serve reconfigure); a lower budget only slows admission, running requests stay."""
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"max_rows must be an integer >= 1, got {value!r}")
+        self._max_rows = value
+
+    def add(self, state: RequestState) -> None:
+        """Runs when a request arrives: queue it; it joins at the next step with room."""
+        if state.request_id in self.requests:
+            raise ValueError(f"request id {state.request_id!r} is already in the engine")
+        if state.rows > self.max_rows:
+            raise ValueError(f"request {state.request_id} needs {state.rows} rows per step "
+                             f"(n={state.request.n}, x2 when guided) but max_rows is {self.max_rows}; split it")
+        state.status = Status.WAITING
+        self.waiting.append(state)
+        self.requests[state.request_id] = state
+
+    def abort(self, request_id: str) -> None:
+        """Runs when a client cancels: the request leaves at the next schedule(). Ids that already left
+        are ignored, since a request may finish while its cancellation is on the way."""
+        if (state := self.requests.get(request_id)) is not None:
+            state.cancel_requested = True
+
+    def schedule(self, now: float) -> StepPlan:
+        """Runs at the start of every step: drop cancelled and expired requests (running or waiting),
+        then admit waiting requests in arrival order while their rows fit. Strict FCFS: a request that
+        does not fit blocks those behind it, so a large request is never starved by small ones."""
+        dropped = []
+        for state in (*self.running, *self.waiting):
+            if (why := _drop_status(state, now)) is not None:
+                state.status = why
+                dropped.append(state)
+        if dropped:
+            self._forget(dropped)
+            self.running = [s for s in self.running if s.status is Status.RUNNING]
+            self.waiting = deque(s for s in self.waiting if s.status is Status.WAITING)
+
+        num_rows = sum(s.rows for s in self.running)
+        joined = []
+        # an empty batch always takes the head: after a live max_rows cut it may not fit any more
+        while self.waiting and (num_rows + self.waiting[0].rows <= self.max_rows or not self.running):
+            state = self.waiting.popleft()
+            state.status = Status.RUNNING
+            self.running.append(state)
+            num_rows += state.rows
+            joined.append(state.request_id)
+        return StepPlan(list(self.running), joined, dropped, num_rows, self.max_rows, len(self.waiting))
+
+    def update(self, plan: StepPlan) -> list[RequestState]:
+        """Runs after the stepper applied the forward's output: count one step for every planned
+        request and free the finished ones, whose rows the next schedule() can give away."""
+        finished = []
+        for state in plan.requests:
+            state.steps_done += 1
+            if state.done:
+                state.status = Status.FINISHED
+                finished.append(state)
+        if finished:
+            self._forget(finished)
+            self.running = [s for s in self.running if s.status is Status.RUNNING]
+        return finished
+
+    def fail(self, plan: StepPlan) -> list[RequestState]:
+        """Runs when the step raised: every planned request leaves as FAILED (its state may be half-updated)."""
+        for state in plan.requests:
+            state.status = Status.FAILED
+        self._forget(plan.requests)
+        self.running = [s for s in self.running if s.status is Status.RUNNING]
+        return plan.requests
+
+    def _forget(self, states: list[RequestState]) -> None:
+        for state in states:
+            del self.requests[state.request_id]
+
+
+def _drop_status(state: RequestState, now: float) -> Status | None:
+    """Why a request must leave before this step, if it must: cancellation wins over expiry."""
+    if state.cancel_requested:
+        return Status.CANCELLED
+    if state.deadline is not None and now >= state.deadline:
+        return Status.EXPIRED
+    return None
