@@ -20,7 +20,7 @@ class Config:
     couplings_per_stage: int = 3
     class_dim: int = 8          # class embedding channels fed to every coupling network
     class_dropout: float = 0.1
-    steps: int = 1500
+    steps: int = 3000
     batch_size: int = 64
     lr: float = 1e-3
 

@@ -19,7 +19,7 @@ class Config:
     hidden: int = 32           # small: sampling costs one forward per pixel, 784 per image
     dilations: tuple[int, ...] = (1, 2, 1, 4, 1)  # receptive field grows fast without a blind spot
     class_dropout: float = 0.1
-    steps: int = 1200
+    steps: int = 2500
     batch_size: int = 32
     lr: float = 1e-3
 

@@ -144,7 +144,8 @@ def test_scheduler_admits_fcfs_up_to_the_row_budget_without_skipping():
         sched.add(s)
     plan = sched.schedule(now=0.0)
     # b (3 rows) does not fit beside a; c would, but FCFS never lets it overtake b
-    assert ([s.request_id for s in plan.requests], plan.joined, plan.num_rows, plan.num_waiting) == (["r0"], ["r0"], 2, 2)
+    assert [s.request_id for s in plan.requests] == plan.joined == ["r0"]
+    assert (plan.num_rows, plan.num_waiting) == (2, 2)
     assert sched.update(plan) == [a] and a.status is Status.FINISHED
     plan = sched.schedule(now=0.0)  # a's rows are free at the very next step
     assert [s.request_id for s in plan.requests] == ["r1", "r2"] and plan.num_rows == 4
@@ -232,9 +233,7 @@ def test_guided_requests_put_conditional_and_null_rows_in_the_same_forward():
 
 def test_a_new_request_joins_at_the_next_step_and_never_waits_for_others():
     runner = FakeRunner()
-    order = []
-    outputs = run(engine(runner), {0: [("long", diffusion(steps=20))], 3: [("short", diffusion(steps=2))]},
-                  on_step=lambda k, core: order.append(len(runner.calls)))
+    outputs = run(engine(runner), {0: [("long", diffusion(steps=20))], 3: [("short", diffusion(steps=2))]})
     assert [len(y) for _, y in runner.calls[2:6]] == [1, 2, 2, 1]  # joined at step 3, left after step 4
     assert outputs["short"].status is Status.FINISHED and len(runner.calls) == 20
 
@@ -268,7 +267,7 @@ def test_expired_requests_leave_at_the_next_step_running_or_queued():
     while core.has_work():
         outputs |= {o.request_id: o for o in core.step()}
         clock.now += 1.0
-    with pytest.raises(DeadlineExceeded, match=r"^request late missed its deadline \(now 500 ms past it\) after 3 of 10"):
+    with pytest.raises(DeadlineExceeded, match=r"^request late missed its deadline \(now 500 ms past it\) after 3 "):
         outputs["late"].result()
     assert outputs["queued"].status is Status.EXPIRED and outputs["queued"].error.steps_done == 0
     assert close(outputs["big"].result(), alone(diffusion(steps=3, n=2, seed=1)))
@@ -328,6 +327,27 @@ def test_pixelcnn_requests_at_different_positions_share_forwards_and_match_alone
     assert len(runner.calls) == 500 + 784 and max(len(y) for y, in runner.calls) == 5
     for i, (_, r) in enumerate(PIXEL_MIX):
         assert torch.equal(outputs[f"p{i}"].result(), alone(r, toy_logits, "pixelcnn")), f"p{i}"
+
+
+def test_a_real_pixelcnn_mixes_positions_and_matches_alone():
+    """The families' Gated PixelCNN (tiny, random): it sees whole images with zeros past each row's
+    position, so its masks must hide them; and a request's image must not depend on its batch-mate.
+    (Its logits differ by ~1e-7 across batch sizes: a sample could flip only on a CDF boundary.)"""
+    from families.pixelcnn import Config, build
+
+    torch.manual_seed(0)
+    model = build(Config(hidden=8, dilations=(1, 2))).eval()
+    x = torch.randint(0, 256, (1, 1, 28, 28)).float()
+    junk = x.clone()
+    junk.view(-1)[300:] = 255.0 - junk.view(-1)[300:]
+    with torch.no_grad():  # pixel 300 (row 10, column 20): its logits ignore it and everything after it
+        y = torch.tensor([2])
+        assert (model(x, y)[..., 10, 20] - model(junk, y)[..., 10, 20]).abs().max() < 1e-5
+
+    a, b = pixelcnn(seed=11, class_id=2), pixelcnn(seed=12, class_id=NULL_CLASS, temperature=0.8)
+    outputs = run(engine(TorchRunner(model), family="pixelcnn"), {0: [("a", a)], 300: [("b", b)]})
+    for rid, request in (("a", a), ("b", b)):
+        assert torch.equal(outputs[rid].result(), alone(request, TorchRunner(model).execute, "pixelcnn")), rid
 
 
 # --- asyncio face ---------------------------------------------------------------------------------------

@@ -18,13 +18,19 @@ from serving.samplers.schedule import inference_timesteps
 MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed's range
 
 
+def _int_in(value, lo: int, hi: float = math.inf) -> bool:
+    """value is an int (not a bool) in [lo, hi]."""
+    return isinstance(value, int) and not isinstance(value, bool) and lo <= value <= hi
+
+
 def _check_common(class_id: int, seed: int, n: int, deadline: float | None) -> None:
     """Checks every request type shares; messages name the field and the value received."""
-    if isinstance(class_id, bool) or not isinstance(class_id, int) or not 0 <= class_id <= NULL_CLASS:
-        raise ValueError(f"class_id must be an integer in [0, {NULL_CLASS}] ({NULL_CLASS} = no class), got {class_id!r}")
-    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
+    if not _int_in(class_id, 0, NULL_CLASS):
+        raise ValueError(f"class_id must be an integer in [0, {NULL_CLASS}] ({NULL_CLASS} = no class), "
+                         f"got {class_id!r}")
+    if not _int_in(seed, 0, MAX_SEED):
         raise ValueError(f"seed must be an integer in [0, 2**64 - 1], got {seed!r}")
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+    if not _int_in(n, 1):
         raise ValueError(f"n must be an integer >= 1, got {n!r}")
     if deadline is not None and not (isinstance(deadline, (int, float)) and math.isfinite(deadline)):
         raise ValueError(f"deadline must be a finite time.monotonic() value or None, got {deadline!r}")
@@ -47,7 +53,7 @@ class DiffusionRequest:
         _check_common(self.class_id, self.seed, self.n, self.deadline)
         if self.sampler not in SAMPLERS:
             raise ValueError(f"sampler must be one of {SAMPLERS}, got {self.sampler!r}")
-        if isinstance(self.steps, bool) or not isinstance(self.steps, int) or not 1 <= self.steps <= NUM_TRAIN_TIMESTEPS:
+        if not _int_in(self.steps, 1, NUM_TRAIN_TIMESTEPS):
             raise ValueError(f"steps must be an integer in [1, {NUM_TRAIN_TIMESTEPS}], got {self.steps!r}")
         if not (isinstance(self.guidance_scale, (int, float)) and 0.0 <= self.guidance_scale < math.inf):
             raise ValueError(f"guidance_scale must be a finite number >= 0, got {self.guidance_scale!r}")
