@@ -158,3 +158,11 @@ def test_gan_generator_and_discriminator_shapes():
     x = g(torch.randn(3, cfg.z_dim), y)
     assert x.shape == (3, 1, 28, 28) and x.abs().max() <= 1
     assert d(x, y).shape == (3,)
+
+
+def test_vae_discretized_logistic_is_a_distribution_over_256_levels():
+    levels = torch.arange(256, dtype=torch.uint8).view(256, 1, 1, 1)
+    for mean, log_scale in ((0.0, -4.0), (0.3, -2.0), (1.0, 0.5)):
+        logp = vae.discretized_logistic_log_prob(levels, torch.full((256, 1, 1, 1), mean),
+                                                 torch.full((256, 1, 1, 1), log_scale))
+        assert abs(logp.exp().sum().item() - 1.0) < 1e-5

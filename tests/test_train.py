@@ -59,7 +59,7 @@ def test_training_is_deterministic_for_a_seed_and_resume_is_exact(tmp_path):
     assert json.loads((tmp_path / "run_c" / "state.json").read_text())["step"] == 6
 
 
-def test_gan_resume_restores_both_optimizers_and_the_ema(tmp_path):
+def test_gan_resume_restores_both_networks_and_optimizers(tmp_path):
     kw = dict(overrides={**_tiny_overrides("gan"), "batch_size": 8}, progress=False, save_every=2)
     train("gan", steps=4, seed=0, out_dir=tmp_path / "a", run_dir=tmp_path / "ra", **kw)
     train("gan", steps=2, seed=0, out_dir=tmp_path / "b", run_dir=tmp_path / "rb", **kw)

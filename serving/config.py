@@ -1,0 +1,123 @@
+"""Settings of the Serve application, as typed dataclasses read from the Serve config file
+(deploy/serve_config.yaml): `AppArgs` from the application's `args`, `OnePassConfig` and
+`IterativeConfig` from each model deployment's `user_config` (changeable live through reconfigure).
+
+Every check raises ValueError with a message naming the field and the value received, so a bad
+config fails at deploy time, not at the first request."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+from typing import Any
+
+# family -> the graph its deployment samples with
+ONE_PASS_GRAPH = {"gan": "generate", "vae": "decode", "flow": "sample"}
+ITERATIVE_GRAPH = {"diffusion": "denoise", "pixelcnn": "logits"}
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _unknown_keys(what: str, given: dict[str, Any], cls: type) -> None:
+    known = {f.name for f in fields(cls)}
+    if extra := sorted(set(given) - known):
+        raise ValueError(f"{what}: unknown keys {extra}; known: {sorted(known)}")
+
+
+@dataclass(frozen=True)
+class OnePassConfig:
+    """user_config of a one-pass (gan / vae / flow) deployment."""
+
+    # Images per forward. 64 is the top of the latency profile `genserve build` measures, and on a CPU
+    # the per-image cost has flattened well before it; a request for more images spans several batches.
+    max_batch_images: int = 64
+    # How long the first queued image waits for batch-mates. A few ms is small next to a forward at
+    # batch 64 (tens of ms on CPU) and lets concurrent requests share it.
+    max_wait_ms: float = 5.0
+
+    def __post_init__(self):
+        if not _is_int(self.max_batch_images) or self.max_batch_images < 1:
+            raise ValueError(f"max_batch_images must be an integer >= 1, got {self.max_batch_images!r}")
+        if not (isinstance(self.max_wait_ms, (int, float)) and not isinstance(self.max_wait_ms, bool)
+                and math.isfinite(self.max_wait_ms) and self.max_wait_ms >= 0):
+            raise ValueError(f"max_wait_ms must be a finite number >= 0, got {self.max_wait_ms!r}")
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any] | None) -> OnePassConfig:
+        d = d or {}
+        _unknown_keys("one-pass user_config", d, cls)
+        return cls(**d)
+
+
+@dataclass(frozen=True)
+class IterativeConfig:
+    """user_config of an iterative (diffusion / pixelcnn) deployment."""
+
+    # Rows per engine step (a guided diffusion image takes two); the same ceiling as the one-pass batch.
+    max_batch_rows: int = 64
+
+    def __post_init__(self):
+        if not _is_int(self.max_batch_rows) or self.max_batch_rows < 1:
+            raise ValueError(f"max_batch_rows must be an integer >= 1, got {self.max_batch_rows!r}")
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any] | None) -> IterativeConfig:
+        d = d or {}
+        _unknown_keys("iterative user_config", d, cls)
+        return cls(**d)
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    """One served model: the name clients use (also its deployment's name) and the store reference."""
+
+    name: str                   # e.g. "gan": the OpenAI `model` field and the Serve deployment name
+    ref: str                    # "name", "name@version" or "name@alias" in the store
+
+    @classmethod
+    def from_value(cls, value: Any) -> ModelEntry:
+        """A bare string "gan@stable" (served as "gan"), or {"name": ..., "ref": ...}."""
+        if isinstance(value, str):
+            return cls(value.partition("@")[0], value)
+        if isinstance(value, dict) and set(value) <= {"name", "ref"} and "name" in value:
+            return cls(str(value["name"]), str(value.get("ref") or value["name"]))
+        raise ValueError(f"each entry of models must be 'name[@version|alias]' or {{name, ref}}, got {value!r}")
+
+
+@dataclass(frozen=True)
+class AppArgs:
+    """The application's `args` in the Serve config."""
+
+    models: tuple[ModelEntry, ...]       # one deployment each
+    # The store: a local path or file:// URI; None means $GENSERVE_STORE, else ./model_store_data
+    # (relative to the working directory Ray runs replicas in: give an absolute path for `serve deploy`).
+    store: str | None = None
+    default_model: str | None = None     # what `model` absent or "auto" means until the policy exists
+    ingress_timeout_s: float = 120.0     # a request with no latency_slo_ms gives up after this (HTTP 504)
+
+    def __post_init__(self):
+        if not self.models:
+            raise ValueError("args.models must list at least one model")
+        names = [m.name for m in self.models]
+        if dupes := sorted({n for n in names if names.count(n) > 1}):
+            raise ValueError(f"args.models: names must be unique, got {dupes} more than once")
+        if self.default_model is not None and self.default_model not in names:
+            raise ValueError(f"args.default_model {self.default_model!r} is not one of the served models {names}")
+        if not (isinstance(self.ingress_timeout_s, (int, float)) and self.ingress_timeout_s > 0):
+            raise ValueError(f"args.ingress_timeout_s must be a number > 0, got {self.ingress_timeout_s!r}")
+
+    @property
+    def default(self) -> str:
+        return self.default_model or self.models[0].name
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> AppArgs:
+        d = dict(d or {})
+        allowed = {"models", "store", "default_model", "ingress_timeout_s"}
+        if extra := sorted(set(d) - allowed):
+            raise ValueError(f"args: unknown keys {extra}; known: {sorted(allowed)}")
+        models = d.pop("models", None)
+        if not isinstance(models, list):
+            raise ValueError(f"args.models must be a list, got {models!r}")
+        return cls(models=tuple(ModelEntry.from_value(m) for m in models), **d)

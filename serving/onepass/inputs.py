@@ -1,0 +1,43 @@
+"""One-pass sampling around the forward: the graph's inputs for one request, drawn from the request's own
+generator, and the graph's output as uint8 images. Pure numpy, no runtime: the batcher concatenates
+these rows with other requests' and splits the outputs back, so a request's images never depend on
+its batch-mates."""
+from __future__ import annotations
+
+import numpy as np
+
+from exporters.contracts import BATCH, Domain, GraphContract
+
+
+def draw_inputs(contract: GraphContract, class_id: int, n: int, seed: int,
+                temperature: float = 1.0) -> dict[str, np.ndarray]:
+    """Inputs of a one-pass graph (gan.generate, vae.decode, flow.sample: z normal, y class) for n images:
+    z = temperature * N(0, I) drawn from numpy's Generator(PCG64) seeded with `seed`, all n rows at once,
+    so the same (seed, n) gives the same images whatever else is in the batch."""
+    rng = np.random.default_rng(seed)
+    feeds: dict[str, np.ndarray] = {}
+    for spec in contract.inputs:
+        shape = spec.concrete_shape(n)
+        if spec.domain is Domain.NORMAL:
+            z = rng.standard_normal(shape, dtype=np.float32)  # [n, z_dim]
+            feeds[spec.name] = z * np.float32(temperature) if temperature != 1.0 else z
+        elif spec.domain is Domain.CLASS_ID:
+            feeds[spec.name] = np.full(shape, class_id, dtype=np.int64)  # [n]
+        else:
+            raise ValueError(f"{contract.key}: input {spec.name} ({spec.domain.value}) is not a one-pass input")
+    return feeds
+
+
+def to_images(contract: GraphContract, x: np.ndarray) -> np.ndarray:
+    """The graph's image output [n, 1, 28, 28] float -> uint8 [n, 28, 28], as families.common's
+    from_signed / from_unit (clamp, scale, round half to even like torch.round)."""
+    spec = contract.outputs[0]
+    if spec.shape[0] != BATCH or len(spec.shape) != 4 or spec.shape[1] != 1:
+        raise ValueError(f"{contract.key}: output {spec.name} {spec.shape} is not a [B, 1, H, W] image")
+    if spec.domain is Domain.SIGNED:
+        scaled = (np.clip(x, -1.0, 1.0) + 1.0) * 127.5
+    elif spec.domain is Domain.UNIT:
+        scaled = np.clip(x, 0.0, 1.0) * 255.0
+    else:
+        raise ValueError(f"{contract.key}: output domain {spec.domain.value} is not an image")
+    return np.rint(scaled).astype(np.uint8)[:, 0]

@@ -1,0 +1,82 @@
+"""A thin layer over exporters.runtime for serving: load `name@version|alias` from the store (hashes
+verified), open an ONNX Runtime session on the graph the model samples with, from the verified bytes,
+and feed it by contract.
+
+Imports numpy, onnxruntime, exporters and model_store only: never families/ or torch."""
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+import onnxruntime as ort
+
+from exporters.contracts import GraphContract
+from exporters.runtime import ProviderChoice, choose_providers, make_session, tensorrt_provider_options
+from model_store.manifest import Manifest
+from model_store.store import ModelStore
+
+
+def threads_for(num_cpus: float | None) -> int:
+    """ONNX Runtime intra-op threads for a replica granted num_cpus CPUs (its ray_actor_options): one per
+    whole CPU, at least one. More threads than granted cores would fight the other replicas on the node."""
+    if num_cpus is None or not math.isfinite(num_cpus):
+        return 1
+    return max(1, int(num_cpus + 1e-9))
+
+
+class GraphSession:
+    """One graph's session, fed in its contract's names and dtypes."""
+
+    def __init__(self, session: ort.InferenceSession, contract: GraphContract):
+        self.session, self.contract = session, contract
+        self._dtypes = {spec.name: np.dtype(spec.dtype) for spec in contract.inputs}
+        self._output = contract.outputs[0].name
+
+    def run(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
+        """The first output for a batch of inputs (name -> [B, ...]). Blocking: call it off the event loop."""
+        if set(feeds) != set(self._dtypes):
+            raise ValueError(f"{self.contract.key} takes inputs {sorted(self._dtypes)}, got {sorted(feeds)}")
+        cast = {name: np.ascontiguousarray(a, dtype=self._dtypes[name]) for name, a in feeds.items()}
+        return self.session.run([self._output], cast)[0]
+
+
+@dataclass
+class LoadedModel:
+    """A served model version with a live session on the graph it samples with."""
+
+    manifest: Manifest
+    graph: GraphSession
+    providers: ProviderChoice              # what ONNX Runtime runs on, and why
+    threads: int                           # intra-op threads of the session
+
+    @property
+    def name(self) -> str:
+        return self.manifest.model
+
+    @property
+    def version(self) -> str:
+        return self.manifest.version
+
+    @property
+    def family(self) -> str:
+        return self.manifest.family
+
+
+def load_model(store: str | None, ref: str, graph_for: Mapping[str, str], *, threads: int = 1,
+               choice: ProviderChoice | None = None, max_batch: int = 64) -> LoadedModel:
+    """Load ref ("gan", "gan@3f2a…", "gan@stable") from the store at `store` (None: $GENSERVE_STORE, else
+    ./model_store_data), verifying every file, and open a session on the graph graph_for[family] from the
+    verified bytes. max_batch bounds TensorRT's optimization profile (unused on CPU). Raises ValueError
+    for a family not in graph_for, model_store's NotFound / IntegrityError otherwise."""
+    loaded = ModelStore.open(store).load(ref)
+    family = loaded.manifest.family
+    if family not in graph_for:
+        raise ValueError(f"{ref} is a {family} model; this deployment serves {', '.join(graph_for)}")
+    contract = loaded.manifest.graph(graph_for[family])
+    choice = choice or choose_providers()
+    options = ({"TensorrtExecutionProvider": tensorrt_provider_options(contract, max_batch=max_batch)}
+               if "TensorrtExecutionProvider" in choice.providers else None)
+    session = make_session(loaded.graph_bytes(contract.graph), threads=threads, choice=choice, provider_options=options)
+    return LoadedModel(loaded.manifest, GraphSession(session, contract), choice, threads)
