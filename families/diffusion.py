@@ -164,5 +164,5 @@ def sample(model: UNet, y: torch.Tensor, generator: torch.Generator, *, sampler:
 
     x_T = torch.randn((y.shape[0], 1, 28, 28), generator=generator)
     x0 = sample_loop(model, x_T, y, sampler=sampler, steps=steps, guidance_scale=guidance_scale,
-                     null_class=NULL_CLASS, generator=generator)
+                     null_class=NULL_CLASS, generator=generator, clip_x0=True)
     return from_signed(x0)

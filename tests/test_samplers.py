@@ -30,6 +30,14 @@ def toy_denoiser(x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Ten
     return (x - a.sqrt() * x0) / (1 - a).sqrt() + 0.05 * torch.tanh(3 * x)
 
 
+def wide_denoiser(x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """As toy_denoiser for data of mean ±1.5: its x_0 predictions leave [-1, 1], so clipping engages."""
+    a = linear_alphas_cumprod()[t].view(-1, 1, 1, 1)
+    mu = 1.5 * torch.cos(y.float()).view(-1, 1, 1, 1)
+    x0 = mu + a.sqrt() * 0.25 / (0.25 * a + 1 - a) * (x - a.sqrt() * mu)
+    return (x - a.sqrt() * x0) / (1 - a).sqrt()
+
+
 def x_T(seed: int, shape=SHAPE) -> torch.Tensor:
     return torch.randn(shape, generator=torch.Generator().manual_seed(seed))
 
@@ -145,6 +153,37 @@ def test_sample_with_guidance_one_is_a_plain_conditional_forward():
     sample(counting_denoiser, x_T(0), torch.tensor([3, 7]), sampler="ddim", steps=3, guidance_scale=1.0,
            null_class=NULL)
     assert calls == [[3, 7]] * 3
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "dpmpp_2m"])
+def test_clipped_x0_matches_diffusers_clip_sample_and_thresholding(sampler):
+    """clip_x0 is diffusers' DDIM clip_sample, and DPM-Solver++ thresholding with sample_max_value 1
+    (whose dynamic threshold is then exactly a clamp to [-1, 1])."""
+    if sampler == "ddim":
+        sched = diffusers.DDIMScheduler(**SCHEDULE, clip_sample=True, clip_sample_range=1.0, set_alpha_to_one=True)
+    else:
+        sched = diffusers.DPMSolverMultistepScheduler(**SCHEDULE, algorithm_type="dpmsolver++", solver_order=2,
+                                                      thresholding=True, sample_max_value=1.0)
+    sched.set_timesteps(10)
+    timesteps = inference_timesteps(10)
+    y = torch.zeros(SHAPE[0], dtype=torch.int64)  # mean +1.5: most x_0 predictions are clipped
+    ours = unclipped = ref = x_T(0)
+    state = unclipped_state = DPMSolverState.initial(ours)
+    for i, t in enumerate(timesteps):
+        t_b = per_row(t, dtype=torch.int64)
+        ref = sched.step(wide_denoiser(ref, t_b, y), t, ref).prev_sample
+        alphas = step_alphas(timesteps, i)
+        if sampler == "ddim":
+            ours = ddim_step(ours, wide_denoiser(ours, t_b, y), *alphas, per_row(0.0), None, clip_x0=True)
+            unclipped = ddim_step(unclipped, wide_denoiser(unclipped, t_b, y), *alphas, per_row(0.0), None)
+        else:
+            last = per_row(i == 9)
+            ours, state = dpm_solver_pp_2m_step(ours, wide_denoiser(ours, t_b, y), *alphas, state, last, clip_x0=True)
+            unclipped, unclipped_state = dpm_solver_pp_2m_step(unclipped, wide_denoiser(unclipped, t_b, y), *alphas,
+                                                               unclipped_state, last)
+        assert (ours - ref).abs().max() < ATOL, f"step {i}"
+    assert (ours - unclipped).abs().max() > 0.1  # the clip did engage
+    assert ours.abs().max() <= 1.0 + ATOL       # and the final x_0 is in the data range
 
 
 # --- per-sample independence -----------------------------------------------------------------

@@ -25,8 +25,9 @@ def to_uint8(x0: torch.Tensor) -> torch.Tensor:
 
 
 class DiffusionStepper:
-    def __init__(self, runner: DenoiseRunner):
+    def __init__(self, runner: DenoiseRunner, clip_x0: bool = True):
         self.runner = runner
+        self.clip_x0 = clip_x0  # clamp each step's x_0 prediction to the data range, as the families' sampler does
         self.alphas_cumprod = linear_alphas_cumprod()  # [1000] float32, the training schedule
 
     def execute(self, plan: StepPlan) -> torch.Tensor:
@@ -70,9 +71,11 @@ class DiffusionStepper:
                 continue
             idx = torch.cat([torch.arange(offsets[i], offsets[i + 1]) for i in members])
             if sampler == "ddim":
-                x_new = self._ddim(x[idx], eps[idx], alpha_t[idx], alpha_prev[idx], [states[i] for i in members])
+                x_new = self._ddim(x[idx], eps[idx], alpha_t[idx], alpha_prev[idx], [states[i] for i in members],
+                                   self.clip_x0)
             else:
-                x_new = self._dpm(x[idx], eps[idx], alpha_t[idx], alpha_prev[idx], [states[i] for i in members])
+                x_new = self._dpm(x[idx], eps[idx], alpha_t[idx], alpha_prev[idx], [states[i] for i in members],
+                                  self.clip_x0)
             start = 0
             for i in members:
                 n = states[i].request.n
@@ -80,7 +83,7 @@ class DiffusionStepper:
                 start += n
 
     @staticmethod
-    def _ddim(x, eps, alpha_t, alpha_prev, states: list[DiffusionState]) -> torch.Tensor:
+    def _ddim(x, eps, alpha_t, alpha_prev, states: list[DiffusionState], clip_x0: bool) -> torch.Tensor:
         """DDIM on the images of `states` (x, eps [M, 1, 28, 28]; alphas [M]). Noise for eta > 0 comes from
         each request's own generator, one randn([n, 1, 28, 28]) per step, as loop.sample draws it."""
         eta = torch.cat([torch.full((s.request.n,), float(s.request.eta), dtype=torch.float64) for s in states])
@@ -88,15 +91,16 @@ class DiffusionStepper:
         if any(s.request.eta > 0 for s in states):
             noise = torch.cat([torch.randn(s.x.shape, generator=s.generator) if s.request.eta > 0
                                else torch.zeros_like(s.x) for s in states])  # σ = 0 rows add exactly 0
-        return ddim_step(x, eps, alpha_t, alpha_prev, eta, noise)
+        return ddim_step(x, eps, alpha_t, alpha_prev, eta, noise, clip_x0=clip_x0)
 
     @staticmethod
-    def _dpm(x, eps, alpha_t, alpha_prev, states: list[DiffusionState]) -> torch.Tensor:
+    def _dpm(x, eps, alpha_t, alpha_prev, states: list[DiffusionState], clip_x0: bool) -> torch.Tensor:
         """DPM-Solver++(2M) on the images of `states`; each request's history is cat'ed in and split back out."""
         # the last step is first order, as loop.sample and diffusers' lower_order_final default
         last = torch.cat([torch.full((s.request.n,), s.steps_done == s.steps_total - 1) for s in states])
         x_new, history = dpm_solver_pp_2m_step(x, eps, alpha_t, alpha_prev,
-                                               DPMSolverState.cat([s.solver for s in states]), last)
+                                               DPMSolverState.cat([s.solver for s in states]), last,
+                                               clip_x0=clip_x0)
         start = 0
         for s in states:
             s.solver = history[start:start + s.request.n]

@@ -6,12 +6,14 @@ from serving.samplers.schedule import per_sample
 
 
 def ddim_step(x_t: torch.Tensor, eps: torch.Tensor, alpha_t: torch.Tensor, alpha_prev: torch.Tensor,
-              eta: torch.Tensor, noise: torch.Tensor | None) -> torch.Tensor:
+              eta: torch.Tensor, noise: torch.Tensor | None, *, clip_x0: bool = False) -> torch.Tensor:
     """One DDIM step x_t -> x_prev (eq. 12), with σ_t(η) of eq. 16; every coefficient per sample.
 
     x_t, eps, noise: [B, C, H, W]; alpha_t, alpha_prev, eta: [B], ᾱ at the current and the next
     timestep (1.0 after the last step). eta = 0 is deterministic DDIM, eta = 1 is DDPM-like.
-    noise ~ N(0, I) may be None only when every eta is 0.
+    noise ~ N(0, I) may be None only when every eta is 0. clip_x0 clamps the predicted x_0 to the data
+    range [-1, 1] (diffusers' clip_sample), which removes the speckle that a few-step, guided sampler
+    leaves on a small pixel-space model.
     """
     if noise is None and bool((eta > 0).any()):
         raise ValueError("noise is required when any eta > 0")
@@ -23,6 +25,8 @@ def ddim_step(x_t: torch.Tensor, eps: torch.Tensor, alpha_t: torch.Tensor, alpha
 
     x, eps = x_t.float(), eps.float()
     x0 = (x - per_sample((1 - a_t).sqrt(), x) * eps) / per_sample(a_t.sqrt(), x)  # "predicted x_0"
+    if clip_x0:
+        x0 = x0.clamp(-1.0, 1.0)
     x_prev = per_sample(a_prev.sqrt(), x) * x0 + per_sample(dir_coef, x) * eps  # + "direction pointing to x_t"
     if noise is not None:
         x_prev = x_prev + per_sample(sigma, x) * noise.float()  # + random noise

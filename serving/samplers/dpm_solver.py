@@ -48,14 +48,15 @@ def alpha_sigma_lambda(alpha_cumprod: torch.Tensor) -> tuple[torch.Tensor, torch
 
 
 def dpm_solver_pp_2m_step(x_t: torch.Tensor, eps: torch.Tensor, alpha_t: torch.Tensor, alpha_prev: torch.Tensor,
-                          state: DPMSolverState, lower_order: torch.Tensor | None = None,
-                          ) -> tuple[torch.Tensor, DPMSolverState]:
+                          state: DPMSolverState, lower_order: torch.Tensor | None = None, *,
+                          clip_x0: bool = False) -> tuple[torch.Tensor, DPMSolverState]:
     """One DPM-Solver++(2M) step x_t -> x_prev (Algorithm 2); every coefficient per sample.
 
     x_t, eps: [B, C, H, W]; alpha_t, alpha_prev: [B], ᾱ at the current and the next timestep (1.0
     after the last step). lower_order [B] bool forces the first-order update (= DDIM, eta 0) for
     those rows, as diffusers' lower_order_final does on the last of < 15 steps. Rows without history
     and rows stepping to ᾱ = 1 are first order anyway: h = ∞ there and the correction diverges.
+    clip_x0 clamps the data prediction to [-1, 1] (diffusers' thresholding with sample_max_value 1).
     Returns x_prev and the state for the row's next step.
     """
     a_s, s_s, lam_s = alpha_sigma_lambda(alpha_t)  # [B], "s" = current time, as in the paper
@@ -73,6 +74,8 @@ def dpm_solver_pp_2m_step(x_t: torch.Tensor, eps: torch.Tensor, alpha_t: torch.T
 
     x, eps = x_t.float(), eps.float()
     x0 = (x - per_sample(s_s, x) * eps) / per_sample(a_s, x)  # data prediction x_θ  [B, C, H, W]
+    if clip_x0:
+        x0 = x0.clamp(-1.0, 1.0)
     # first order: x_prev = (σ_t/σ_s) x - α_t (e^{-h} - 1) x_θ; second order adds the D1 term.
     x_prev = (per_sample(s_t / s_s, x) * x + per_sample(-a_t * phi, x) * x0
               + per_sample(d1_coef, x) * (x0 - state.x0_prev))

@@ -42,10 +42,11 @@ def guided_eps(denoise: Denoiser, x: torch.Tensor, t: torch.Tensor, y: torch.Ten
 @torch.no_grad()
 def sample(denoise: Denoiser, x_T: torch.Tensor, class_ids: torch.Tensor, *, sampler: str, steps: int,
            guidance_scale: float, null_class: int, eta: float = 0.0,
-           generator: torch.Generator | None = None) -> torch.Tensor:
-    """Run `steps` steps of `sampler` from x_T [B, C, H, W] for class_ids [B]; returns x_0 [B, C, H, W], not clipped.
+           generator: torch.Generator | None = None, clip_x0: bool = False) -> torch.Tensor:
+    """Run `steps` steps of `sampler` from x_T [B, C, H, W] for class_ids [B]; returns x_0 [B, C, H, W].
 
-    eta (DDIM only) > 0 draws the step noise from generator, on x_T's device.
+    eta (DDIM only) > 0 draws the step noise from generator, on x_T's device. clip_x0 clamps every
+    step's x_0 prediction to [-1, 1] (the final x_0 then lies in it too).
     """
     if sampler not in SAMPLERS:
         raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
@@ -76,9 +77,10 @@ def sample(denoise: Denoiser, x_T: torch.Tensor, class_ids: torch.Tensor, *, sam
         alpha_t, alpha_prev = alphas_at(alphas_cumprod, t_b), alphas_at(alphas_cumprod, t_prev)
         if sampler == "ddim":
             noise = torch.randn(x.shape, generator=generator, device=device) if eta > 0 else None
-            x = ddim_step(x, eps, alpha_t, alpha_prev, eta_b, noise)
+            x = ddim_step(x, eps, alpha_t, alpha_prev, eta_b, noise, clip_x0=clip_x0)
         else:
             # the last step is first order, as diffusers' (lower_order_final, final sigma 0) default
             x, state = dpm_solver_pp_2m_step(x, eps, alpha_t, alpha_prev, state,
-                                             lower_order=torch.full((b,), is_last, device=device))
+                                             lower_order=torch.full((b,), is_last, device=device),
+                                             clip_x0=clip_x0)
     return x

@@ -1,0 +1,315 @@
+"""The OpenAI Images API end to end: the real Ray Serve app, built from deploy/serve_config.yaml, started
+once for the module on a local Ray, serving gan / vae / flow from a store built here (trained weights where
+checkpoints/ has them, small random models otherwise), called with the real `openai` client. Plus the API
+layer's own checks, without a server."""
+from __future__ import annotations
+
+import base64
+import json
+import socket
+import struct
+import urllib.error
+import urllib.request
+import zlib
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import openai
+import pytest
+import torch
+
+from exporters.contracts import NULL_CLASS
+from families.checkpoint import CARD_FILE, CHECKPOINT_ROOT, WEIGHTS_FILE, config_to_dict, save_model
+from families.registry import get_family
+from genserve.build import publish_checkpoint
+from model_store import ModelStore
+from serving.api.classes import class_from_prompt
+from serving.api.openai import APIError, parse_image_request
+from serving.api.png import encode_png
+
+FAMILIES = ("gan", "vae", "flow")
+SMALL = {"gan": dict(g_width=16, z_dim=32), "vae": dict(width=8, latent_dim=4),
+         "flow": dict(hidden=8, couplings_per_stage=1)}
+MAX_BATCH = 8          # the test config's max_batch_images: n = 16 spans two batches
+MAX_WAIT_MS = 20       # long enough that concurrent requests surely meet in a batch
+APP = "genserve"
+
+
+def decode_png(data: bytes) -> np.ndarray:
+    """8-bit grayscale, filter 0 (what genserve writes) -> uint8 [H, W]; checks signature and CRCs."""
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    pos, chunks = 8, {}
+    while pos < len(data):
+        (length,), tag = struct.unpack(">I", data[pos:pos + 4]), data[pos + 4:pos + 8]
+        body = data[pos + 8:pos + 8 + length]
+        assert struct.unpack(">I", data[pos + 8 + length:pos + 12 + length])[0] == zlib.crc32(tag + body)
+        chunks[tag] = chunks.get(tag, b"") + body
+        pos += 12 + length
+    w, h, depth, color = struct.unpack(">IIBB", chunks[b"IHDR"][:10])
+    assert (depth, color) == (8, 0)
+    rows = np.frombuffer(zlib.decompress(chunks[b"IDAT"]), np.uint8).reshape(h, w + 1)
+    assert (rows[:, 0] == 0).all()
+    return rows[:, 1:]
+
+
+def images_of(response) -> np.ndarray:
+    return np.stack([decode_png(base64.b64decode(d.b64_json)) for d in response.data])
+
+
+def http(method: str, url: str, body: bytes | None = None) -> tuple[int, dict]:
+    """A raw request (for what the openai client cannot send): status and decoded JSON body."""
+    req = urllib.request.Request(url, data=body, method=method, headers={"content-type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as err:
+        text = err.read()
+        assert b"Traceback" not in text
+        return err.code, json.loads(text)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# ---- the API layer alone -------------------------------------------------------------------------------
+
+SERVED = {"gan": "gan", "vae": "vae", "diffusion": "diffusion"}
+
+
+def parse_error(body) -> APIError:
+    with pytest.raises(APIError) as info:
+        parse_image_request(body, SERVED, "gan")
+    return info.value
+
+
+def test_request_parsing():
+    req = parse_image_request({"prompt": "Sneakers", "n": 2, "size": "56x56", "seed": 3}, SERVED, "gan")
+    assert (req.model, req.job.class_id, req.job.n, req.job.seed, req.upscale, req.class_name) == \
+           ("gan", 7, 2, 3, 2, "Sneaker")
+    assert parse_image_request({"model": "auto", "prompt": ""}, SERVED, "vae").job.class_id == NULL_CLASS
+    assert parse_image_request({"model": "vae", "class_id": 9, "prompt": "a nice one"}, SERVED, "gan").job.class_id == 9
+    d = parse_image_request({"model": "diffusion", "steps": 10, "sampler": "ddim", "guidance_scale": 3,
+                             "latency_slo_ms": 500}, SERVED, "gan").job
+    assert (d.steps, d.sampler, d.guidance_scale, d.timeout_s) == (10, "ddim", 3.0, 0.5)
+
+
+@pytest.mark.parametrize("body, status, param, message", [
+    ({"model": "nope"}, 404, "model", "the model 'nope' does not exist; served models: diffusion, gan, vae"),
+    ({"n": 0}, 400, "n", "n must be an integer in [1, 16], got 0"),
+    ({"n": 17}, 400, "n", "n must be an integer in [1, 16], got 17"),
+    ({"n": "2"}, 400, "n", "n must be an integer in [1, 16], got '2'"),
+    ({"size": "30x30"}, 400, "size", "size must be '28x28' or an integer multiple of it such as '56x56' "
+                                     "(at most 448x448), got '30x30'"),
+    ({"response_format": "url"}, 400, "response_format",
+     "response_format 'url' is not supported: genserve returns images inline; use 'b64_json'"),
+    ({"prompt": "a dog"}, 400, "prompt", "prompt 'a dog' names no Fashion-MNIST class; name one of: 0 T-shirt/top"),
+    ({"class_id": 11}, 400, "class_id", "class_id must be an integer in [0, 10] (10 = no class), got 11"),
+    ({"class_id": 1, "prompt": "bag"}, 400, "class_id", "class_id 1 (Trouser) contradicts the prompt, which names Bag"),
+    ({"seed": -1}, 400, "seed", "seed must be an integer in [0, 2**64 - 1], got -1"),
+    ({"steps": 10}, 400, "steps", "steps applies only to diffusion models; 'gan' is a gan model"),
+    ({"model": "diffusion", "steps": 0}, 400, "steps", "steps must be an integer in [1, 1000], got 0"),
+    ({"model": "diffusion", "sampler": "euler"}, 400, "sampler", "sampler must be one of ddim, dpmpp_2m, got 'euler'"),
+    ({"latency_slo_ms": 0}, 400, "latency_slo_ms", "latency_slo_ms must be a number > 0, got 0"),
+    ({"seeds": 1}, 400, "seeds", "unrecognized request argument: 'seeds'"),
+    ([1, 2], 400, None, "the request body must be a JSON object, got list"),
+])
+def test_request_errors(body, status, param, message):
+    err = parse_error(body)
+    assert (err.status, err.param) == (status, param)
+    assert err.message.startswith(message), err.message
+    assert set(err.body()["error"]) == {"message", "type", "param", "code"}
+
+
+def test_prompts_name_classes():
+    assert [class_from_prompt(p) for p in ("T-shirt/top", "trousers", "a Pullover", "DRESSES", "coat", "sandals",
+                                           "shirt", "a pair of sneakers", "bag", "Ankle boots", "", "boots",
+                                           "blue jeans")] == [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, NULL_CLASS, 9, 1]
+
+
+def test_png_round_trip():
+    img = np.random.default_rng(0).integers(0, 256, (28, 28), dtype=np.uint8)
+    np.testing.assert_array_equal(decode_png(encode_png(img)), img)
+
+
+# ---- the running app -----------------------------------------------------------------------------------
+
+def _small_checkpoint(root: Path, family: str) -> Path:
+    spec = get_family(family)
+    config = spec.Config(**SMALL[family])
+    torch.manual_seed(0)
+    card = {"family": family, "config": config_to_dict(config), "training_steps": 0, "metrics": {}}
+    save_model(root / family, spec.build(config).eval(), card)
+    return root / family
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory) -> ModelStore:
+    """gan / vae / flow: the trained checkpoint where there is one, else a small random model."""
+    tmp = tmp_path_factory.mktemp("openai-api")
+    store = ModelStore.open(tmp / "store")
+    torch.set_num_threads(1)
+    for family in FAMILIES:
+        trained = CHECKPOINT_ROOT / family
+        directory = trained if (trained / WEIGHTS_FILE).is_file() and (trained / CARD_FILE).is_file() \
+            else _small_checkpoint(tmp / "checkpoints", family)
+        publish_checkpoint(store, directory, max_batch=2, threads=1, log=lambda _: None)
+    return store
+
+
+@pytest.fixture(scope="module")
+def server(store):
+    """The app from deploy/serve_config.yaml, as `genserve up` runs it, scaled to this 2-core machine."""
+    from ray import serve
+
+    from serving.app import deploy, init_ray, load_config, serve_only_what_the_store_has
+
+    config, dropped = serve_only_what_the_store_has(load_config(), store.uri)
+    assert set(dropped) == {"diffusion@latest", "pixelcnn@latest"}
+    port = free_port()
+    config["http_options"] = {"host": "127.0.0.1", "port": port}
+    for d in config["applications"][0]["deployments"]:
+        if d["name"] != "Ingress":
+            d["ray_actor_options"] = {"num_cpus": 0.5}
+            d["user_config"] = {"max_batch_images": MAX_BATCH, "max_wait_ms": MAX_WAIT_MS}
+    init_ray(num_cpus=2, log_to_driver=False)
+    try:
+        deploy(config, timeout_s=240)
+        yield {"url": f"http://127.0.0.1:{port}", "config": config}
+    finally:
+        serve.shutdown()
+        import ray
+        ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def client(server) -> openai.OpenAI:
+    return openai.OpenAI(base_url=server["url"] + "/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+def generate(client, model, **extra):
+    prompt = extra.pop("prompt", "")
+    n = extra.pop("n", 1)
+    return client.images.generate(model=model, prompt=prompt, n=n, size="28x28", response_format="b64_json",
+                                  extra_body=extra)
+
+
+def stats(model: str) -> dict:
+    from ray import serve
+
+    return serve.get_deployment_handle(model, app_name=APP).stats.remote().result(timeout_s=30)
+
+
+def test_models_list(client, store):
+    models = {m.id: m for m in client.models.list().data}
+    assert set(models) == set(FAMILIES)
+    for name, m in models.items():
+        assert m.object == "model" and m.owned_by == "genserve"
+        assert (m.family, m.version) == (name, store.resolve(name)[1])
+        assert m.settings == {"max_batch_images": MAX_BATCH, "max_wait_ms": MAX_WAIT_MS}
+    assert client.models.retrieve("vae").version == store.resolve("vae")[1]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_generate_is_seeded(client, store, family):
+    first = generate(client, family, prompt="Sneakers", n=3, seed=11)
+    again = generate(client, family, class_id=7, n=3, seed=11)
+    other = generate(client, family, prompt="sneaker", n=3, seed=12)
+    images = images_of(first)
+    assert images.shape == (3, 28, 28) and images.dtype == np.uint8
+    extra = first.model_extra
+    assert (extra["model"], extra["version"], extra["family"]) == (family, store.resolve(family)[1], family)
+    assert (extra["class_id"], extra["class_name"], extra["seed"]) == (7, "Sneaker", 11)
+    assert extra["latency_ms"] >= extra["replica_ms"] > 0
+    np.testing.assert_array_equal(images_of(again), images)                  # same seed, same images
+    assert not np.array_equal(images_of(other), images)                      # another seed, others
+    assert not np.array_equal(images[0], images[1])                          # n images, n draws
+
+
+def test_upscaled_sizes(client):
+    small, big = generate(client, "gan", seed=4), client.images.generate(
+        model="gan", prompt="", size="56x56", extra_body={"seed": 4})
+    np.testing.assert_array_equal(images_of(big), images_of(small).repeat(2, axis=1).repeat(2, axis=2))
+
+
+def test_batch_independence(client):
+    """The same request alone and amid concurrent ones gives the same images (to 1/255)."""
+    alone = images_of(generate(client, "gan", prompt="bag", n=2, seed=99)).astype(int)
+    before = stats("gan")["batches"]
+    with ThreadPoolExecutor(8) as pool:
+        others = [pool.submit(generate, client, "gan", class_id=c % 10, n=1 + c % 4, seed=1000 + c) for c in range(10)]
+        target = pool.submit(generate, client, "gan", prompt="bag", n=2, seed=99)
+        for f in others:
+            f.result()
+        amid = images_of(target.result()).astype(int)
+    assert np.abs(amid - alone).max() <= 1
+    after = stats("gan")
+    shared = list(after["recent_batch_sizes"])[-(after["batches"] - before):]
+    assert len(shared) < 11 and max(shared) > 2   # 11 requests, fewer forwards: they shared batches
+
+
+def test_n_larger_than_the_max_batch(client):
+    before = stats("vae")["batches"]
+    big = images_of(generate(client, "vae", n=16, seed=5, prompt="coat"))
+    after = stats("vae")
+    assert big.shape == (16, 28, 28)
+    sizes = list(after["recent_batch_sizes"])[-(after["batches"] - before):]
+    assert sum(sizes) == 16 and max(sizes) <= MAX_BATCH and len(sizes) >= 2
+    # the first k of a seed's images are the same whatever n is: the request's rows are one draw
+    np.testing.assert_array_equal(images_of(generate(client, "vae", n=3, seed=5, prompt="coat")), big[:3])
+
+
+def test_errors_in_openai_shape_and_the_server_keeps_serving(client, server):
+    def check(exc_info, status, param, code=None):
+        err = exc_info.value
+        assert err.status_code == status
+        body = err.response.json()["error"]
+        assert set(body) == {"message", "type", "param", "code"} and body["message"]
+        assert body["param"] == param and (code is None or body["code"] == code)
+        assert "Traceback" not in err.response.text
+
+    with pytest.raises(openai.NotFoundError) as e:
+        generate(client, "nope")
+    check(e, 404, "model", "model_not_found")
+    with pytest.raises(openai.BadRequestError) as e:
+        generate(client, "gan", n=0)
+    check(e, 400, "n")
+    with pytest.raises(openai.BadRequestError) as e:
+        generate(client, "gan", prompt="a dog")
+    check(e, 400, "prompt")
+    with pytest.raises(openai.BadRequestError) as e:
+        generate(client, "gan", class_id=12)
+    check(e, 400, "class_id")
+    with pytest.raises(openai.BadRequestError) as e:
+        client.images.generate(model="gan", prompt="bag", response_format="url")
+    check(e, 400, "response_format")
+
+    url = server["url"] + "/v1/images/generations"
+    for raw in (b"{not json", b"", b"\xff\xfe"):
+        status, body = http("POST", url, raw)
+        assert status == 400 and body["error"]["code"] == "invalid_json"
+    status, body = http("GET", server["url"] + "/v1/nothing")
+    assert status == 404 and set(body["error"]) == {"message", "type", "param", "code"}
+
+    assert images_of(generate(client, "flow", seed=1)).shape == (1, 28, 28)   # still serving
+
+
+def test_reconfigure_max_batch_live(client, server):
+    """A new user_config in the same config file reaches the running replica (no restart)."""
+    from serving.app import deploy
+
+    config = server["config"]
+    for d in config["applications"][0]["deployments"]:
+        if d["name"] == "gan":
+            d["user_config"] = {"max_batch_images": 2, "max_wait_ms": 2}
+    version_before = client.models.retrieve("gan").version
+    deploy(config, timeout_s=120)
+    gan = client.models.retrieve("gan")
+    assert gan.settings == {"max_batch_images": 2, "max_wait_ms": 2} and gan.version == version_before
+    before = stats("gan")["batches"]
+    assert images_of(generate(client, "gan", n=5, seed=3)).shape == (5, 28, 28)
+    after = stats("gan")
+    assert list(after["recent_batch_sizes"])[-(after["batches"] - before):] == [2, 2, 1]
