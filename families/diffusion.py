@@ -20,7 +20,7 @@ class Config:
     emb_dim: int = 128           # time + class embedding width
     class_dropout: float = 0.1   # share of labels replaced by NULL_CLASS, the usual CFG recipe
     ema_decay: float = 0.999     # samples come from an EMA of the weights: far less noisy on short runs
-    steps: int = 8000
+    steps: int = 6000
     batch_size: int = 64
     lr: float = 2e-4
 

@@ -18,7 +18,7 @@ class Config:
     g_width: int = 64         # generator channels at 14x14 (twice that at 7x7)
     d_width: int = 32         # discriminator channels at 14x14 (twice, four times deeper down)
     class_dropout: float = 0.1
-    steps: int = 8000
+    steps: int = 6000
     batch_size: int = 64
     lr: float = 2e-4
     betas: tuple[float, float] = (0.0, 0.9)  # the SNGAN / hinge-loss recipe

@@ -21,6 +21,9 @@ class Config:
     width: int = 32
     class_dim: int = 16       # class embedding width fed to both encoder head and decoder
     class_dropout: float = 0.1
+    # Training weight of the KL term (beta-VAE, Higgins et al. 2017). Above 1 it squeezes what y already
+    # says (the class) out of z, so samples follow the requested class; reported ELBOs are always beta = 1.
+    kl_weight: float = 1.0
     steps: int = 10000
     batch_size: int = 64
     lr: float = 1e-3
@@ -93,13 +96,14 @@ class VAE(nn.Module):
         self.encoder = Encoder(config)
         self.decoder = Decoder(config)
 
-    def elbo_bits_per_dim(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """Negative ELBO of uint8 images x (B,1,28,28) in bits/dim (B,): an upper bound on -log2 p(x|y)/D."""
+    def elbo_bits_per_dim(self, x: torch.Tensor, y: torch.Tensor, kl_weight: float = 1.0) -> torch.Tensor:
+        """Negative ELBO of uint8 images x (B,1,28,28) in bits/dim (B,): an upper bound on -log2 p(x|y)/D
+        (with kl_weight 1; other weights give the beta-VAE training objective)."""
         mu, logvar = self.encoder(to_unit(x), y)
         z = mu + torch.randn_like(mu) * (0.5 * logvar).exp()
         nll = -discretized_logistic_log_prob(x, *self.decoder.distribution(z, y)).flatten(1).sum(1)
         kl = 0.5 * (mu.pow(2) + logvar.exp() - 1 - logvar).sum(1)
-        return (nll + kl) / (NUM_PIXELS * math.log(2))
+        return (nll + kl_weight * kl) / (NUM_PIXELS * math.log(2))
 
 
 class VAETrainer:
@@ -109,7 +113,8 @@ class VAETrainer:
         self.optimizers = {"opt": torch.optim.Adam(model.parameters(), lr=config.lr)}
 
     def step(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
-        loss = self.model.elbo_bits_per_dim(x, drop_classes(y, self.config.class_dropout)).mean()
+        loss = self.model.elbo_bits_per_dim(x, drop_classes(y, self.config.class_dropout),
+                                            self.config.kl_weight).mean()
         self.optimizers["opt"].zero_grad(set_to_none=True)
         loss.backward()
         self.optimizers["opt"].step()

@@ -26,11 +26,10 @@ from model_store.errors import StoreError
 from model_store.store import ModelStore
 from serving.api.ingress import Ingress
 from serving.api.jobs import GenerationJob, GenerationResult, ModelInfo
-from serving.config import ITERATIVE_GRAPH, ONE_PASS_GRAPH, AppArgs, IterativeConfig
+from serving.config import DEFAULT_CONFIG, ITERATIVE_GRAPH, ONE_PASS_GRAPH, AppArgs, IterativeConfig
 from serving.onepass.deployment import OnePassDeployment, replica_cpus
 from serving.runtime import load_model, threads_for
 
-DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "deploy" / "serve_config.yaml"
 INGRESS = "Ingress"   # the ingress deployment's name in the config
 
 

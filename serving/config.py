@@ -8,7 +8,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, fields
+from pathlib import Path
 from typing import Any
+
+# The one Serve config: genserve up, serve run / serve deploy, and KubeRay's serveConfigV2
+DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "deploy" / "serve_config.yaml"
 
 # family -> the graph its deployment samples with
 ONE_PASS_GRAPH = {"gan": "generate", "vae": "decode", "flow": "sample"}
