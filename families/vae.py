@@ -23,7 +23,7 @@ class Config:
     class_dropout: float = 0.1
     # Training weight of the KL term (beta-VAE, Higgins et al. 2017). Above 1 it squeezes what y already
     # says (the class) out of z, so samples follow the requested class; reported ELBOs are always beta = 1.
-    kl_weight: float = 1.0
+    kl_weight: float = 3.0    # 3 beat 1 and 2 on class accuracy and FD (README); costs ~0.05 bits/dim of ELBO
     steps: int = 10000
     batch_size: int = 64
     lr: float = 1e-3

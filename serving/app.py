@@ -49,7 +49,7 @@ class IterativeDeployment:
         self.engine = AsyncEngine(EngineCore(stepper, max_rows=self.config.max_batch_rows))
         self._loop: asyncio.Task | None = None
 
-    def reconfigure(self, user_config: dict) -> None:
+    async def reconfigure(self, user_config: dict) -> None:
         self.config = IterativeConfig.from_dict(user_config)
         self.engine.core.set_max_rows(self.config.max_batch_rows)
 

@@ -8,6 +8,7 @@ import base64
 import json
 import socket
 import struct
+import time
 import urllib.error
 import urllib.request
 import zlib
@@ -307,8 +308,11 @@ def test_reconfigure_max_batch_live(client, server):
             d["user_config"] = {"max_batch_images": 2, "max_wait_ms": 2}
     version_before = client.models.retrieve("gan").version
     deploy(config, timeout_s=120)
-    gan = client.models.retrieve("gan")
-    assert gan.settings == {"max_batch_images": 2, "max_wait_ms": 2} and gan.version == version_before
+    deadline = time.monotonic() + 60  # the controller hands the new user_config to the replica just after
+    while (gan := client.models.retrieve("gan")).settings != {"max_batch_images": 2, "max_wait_ms": 2}:
+        assert time.monotonic() < deadline, gan.settings
+        time.sleep(0.2)
+    assert gan.version == version_before
     before = stats("gan")["batches"]
     assert images_of(generate(client, "gan", n=5, seed=3)).shape == (5, 28, 28)
     after = stats("gan")

@@ -259,3 +259,26 @@ def test_outputs_become_uint8_images_like_families_common():
 
 def test_threads_follow_the_replica_cpus():
     assert [threads_for(c) for c in (None, 0, 0.5, 1, 2, 3.9)] == [1, 1, 1, 1, 2, 3]
+
+
+def test_up_command_reads_the_one_serve_config():
+    import argparse
+
+    import yaml
+
+    from genserve.up import _requested_cpus, register, run_up
+    from serving.config import DEFAULT_CONFIG
+
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers())
+    args = parser.parse_args(["up", "--port", "8100", "--no-build"])
+    assert (args.func, args.port, args.config, args.no_build) == (run_up, 8100, DEFAULT_CONFIG, True)
+    config = yaml.safe_load(DEFAULT_CONFIG.read_text())
+    app = config["applications"][0]
+    assert app["import_path"] == "serving.app:build_app"
+    models = AppArgs.from_dict(app["args"]).models
+    assert [d["name"] for d in app["deployments"]] == ["Ingress", *(m.name for m in models)]
+    for d in app["deployments"][1:]:
+        config_cls = IterativeConfig if d["name"] in ("diffusion", "pixelcnn") else OnePassConfig
+        config_cls.from_dict(d["user_config"])  # every user_config is valid
+    assert _requested_cpus(config) == len(models)

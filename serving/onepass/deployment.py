@@ -35,7 +35,7 @@ class OnePassDeployment:
         self._executor = ThreadPoolExecutor(1, thread_name_prefix=f"genserve-{self.model.name}")
         self.batcher = ImageBatcher(self._forward)
 
-    def reconfigure(self, user_config: dict) -> None:
+    async def reconfigure(self, user_config: dict) -> None:
         """Runs at start and on every user_config change (serve deploy / serve.run with a new config)."""
         self.batcher.reconfigure(OnePassConfig.from_dict(user_config))
 
