@@ -102,6 +102,9 @@ def train(family: str, *, steps: int | None = None, seed: int = 0, out_dir: Path
     if (run_dir / STATE_META).is_file():
         meta = json.loads((run_dir / STATE_META).read_text())
         if meta["config"] == json.loads(json.dumps(config_key)) and meta["seed"] == seed:
+            if meta["step"] > config.steps:
+                raise ValueError(f"{run_dir} is already at step {meta['step']}, past the {config.steps} asked "
+                                 f"for; ask for more steps or use another run folder")
             load_state(run_dir, trainer)
             start, elapsed = meta["step"], meta.get("train_seconds", 0.0)
         else:

@@ -57,6 +57,8 @@ def test_training_is_deterministic_for_a_seed_and_resume_is_exact(tmp_path):
     assert any(not torch.equal(t, weights["d"][k]) for k, t in weights["a"].items()), "seed has no effect"
     assert card["training_steps"] == 6 and len(card["data_sha256"]) == 64
     assert json.loads((tmp_path / "run_c" / "state.json").read_text())["step"] == 6
+    with pytest.raises(ValueError, match="already at step 6"):   # never ship weights from a later step
+        train("vae", steps=4, seed=1, out_dir=tmp_path / "c", run_dir=tmp_path / "run_c", **kw)
 
 
 def test_gan_resume_restores_both_networks_and_optimizers(tmp_path):
