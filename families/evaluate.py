@@ -179,7 +179,7 @@ def quality_table() -> str:
         bpd = m.get("bits_per_dim") or m.get("elbo_bits_per_dim")
         bpd_text = "—" if bpd is None else (f"{bpd['conditional']:.3f} / {bpd['unconditional']:.3f}"
                                             + (" (ELBO bound)" if family == "vae" else ""))
-        flag = " ⚠ collapse" if m["mode_collapse"] else ""
+        flag = " ⚠ < 0.8" if m["mode_collapse"] else ""  # flagged; for VAE/flow/PixelCNN it is blur, not GAN collapse
         rows.append(f"| {family} | {card['parameters']:,} | {m['num_samples']:,} | {m['fd']:.2f} | "
                     f"{m['class_accuracy']:.1%} | {m['precision']:.3f} | {m['recall']:.3f} | "
                     f"{m['diversity_ratio']:.3f}{flag} | {bpd_text} | {m['seconds_per_image_b64']:.4f} |")

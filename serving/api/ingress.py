@@ -1,15 +1,17 @@
 """The ingress deployment: HTTP in (FastAPI on Serve's proxy), validated jobs out to the model deployments,
 images back as PNG. Every error is answered in OpenAI's shape; bad input is a 4xx, never a traceback.
 
-Imports no runtime and no torch: the model deployments hold the sessions and the engine."""
-from __future__ import annotations
-
+Imports no runtime and no torch: the model deployments hold the sessions and the engine. No
+`from __future__ import annotations` here: FastAPI reads the route signatures' types at runtime, and
+Serve's ingress wrapping hides this module's names from it (a stringified `Request` became a 422).
+"""
 import asyncio
 import json
 import logging
 import time
 
 from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from ray import serve
 from ray.serve.exceptions import BackPressureError, RequestCancelledError
@@ -41,6 +43,15 @@ async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
     """Unknown routes and methods, in OpenAI's shape too."""
     code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
     return JSONResponse(APIError(exc.status_code, str(exc.detail), code=code).body(), status_code=exc.status_code)
+
+
+@api.exception_handler(RequestValidationError)
+async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+    """FastAPI's own parameter checks (path parameters): a 400, not its default 422."""
+    first = exc.errors()[0] if exc.errors() else {}
+    param = ".".join(str(p) for p in first.get("loc", ())[1:]) or None
+    err = APIError(400, f"{param or 'request'}: {first.get('msg', 'invalid request')}", param=param)
+    return JSONResponse(err.body(), status_code=400)
 
 
 @api.exception_handler(Exception)
@@ -91,7 +102,7 @@ class Ingress:
         timeout = req.job.timeout_s or self.timeout_s
         response = self.models[req.model].generate.remote(req.job)
         try:
-            return await asyncio.wait_for(_await(response), timeout)
+            return await asyncio.wait_for(response, timeout)  # a DeploymentResponse is awaitable
         except TimeoutError:
             response.cancel()  # the job leaves the model's queue (or the engine's batch) too
             raise APIError(504, f"{req.model} did not answer within {timeout * 1000:.0f} ms", type="timeout_error",
@@ -112,7 +123,3 @@ class Ingress:
             logger.exception("genserve ingress: %s failed", req.model)
             raise APIError(500, f"{req.model} failed: {type(cause).__name__}: {cause}", type="server_error",
                            code="model_error") from None
-
-
-async def _await(response):
-    return await response
