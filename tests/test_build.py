@@ -106,7 +106,7 @@ def test_new_card_metrics_make_a_new_version_and_move_latest(setup):
 
 def test_sampling_settings_per_family():
     diffusion = sampling_settings("diffusion")
-    assert diffusion.default == {"sampler": "dpmpp_2m", "steps": 20, "guidance_scale": 2.0}
+    assert diffusion.default == {"sampler": "dpmpp_2m", "steps": 10, "guidance_scale": 2.0}
     assert diffusion.default in diffusion.allowed
     assert {(s["sampler"], s["steps"]) for s in diffusion.allowed} == \
            {("dpmpp_2m", 10), ("dpmpp_2m", 15), ("dpmpp_2m", 20), ("dpmpp_2m", 25), ("ddim", 25), ("ddim", 50)}
