@@ -206,9 +206,10 @@ class LocalBackend:
         return removed
 
 
-def open_backend(uri: str | os.PathLike) -> StoreBackend:
-    """A local path or file:// URI. Object stores (s3://, gs://, ...) plug in as another StoreBackend; their
-    commit_dir must write the files, then manifest.json last with a put-if-absent."""
+def open_backend(uri: str | os.PathLike, **storage_options) -> StoreBackend:
+    """A local path or file:// URI -> LocalBackend; any other scheme (s3://, gs://, memory://, ...) ->
+    FsspecBackend (`fsspec.filesystem(protocol, **storage_options)`), whose commit_dir uploads the files,
+    then manifest.json last with a put-if-absent."""
     text = os.fspath(uri)
     parsed = urlparse(text)
     if parsed.scheme in ("", "file") or len(parsed.scheme) == 1:  # one letter: a Windows drive, a path
@@ -216,5 +217,6 @@ def open_backend(uri: str | os.PathLike) -> StoreBackend:
         if parsed.scheme == "file" and parsed.netloc not in ("", "localhost"):
             raise StoreError(f"file:// URI with a host is not supported: {text}")
         return LocalBackend(Path(path))
-    raise StoreError(f"model store backend not supported yet: {parsed.scheme}:// (use a local path or file:// URI; "
-                     f"an object store plugs in by implementing model_store.backend.StoreBackend)")
+    from model_store.fsspec_backend import FsspecBackend
+
+    return FsspecBackend(text, **storage_options)

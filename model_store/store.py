@@ -1,6 +1,6 @@
 """The model store: immutable versions with verified artifacts, and movable aliases.
 
-Layout under the root (local path or, later, an object-store prefix):
+Layout under the root (local path, or an object-store prefix through fsspec):
 
     <model>/<version>/manifest.json      what the version is, and the sha256 of every other file
     <model>/<version>/<graph>.onnx ...   the artifacts
@@ -60,9 +60,10 @@ class ModelStore:
         self.backend = backend
 
     @classmethod
-    def open(cls, uri: str | os.PathLike | None = None) -> ModelStore:
-        """uri: a local path or file:// URI; default GENSERVE_STORE, else ./model_store_data."""
-        return cls(open_backend(uri if uri is not None else default_store_uri()))
+    def open(cls, uri: str | os.PathLike | None = None, **storage_options) -> ModelStore:
+        """uri: a local path, file:// URI, or fsspec URI (s3://, gs://, memory://, ...); default
+        GENSERVE_STORE, else ./model_store_data. storage_options go to fsspec.filesystem()."""
+        return cls(open_backend(uri if uri is not None else default_store_uri(), **storage_options))
 
     @property
     def uri(self) -> str:
@@ -79,7 +80,9 @@ class ModelStore:
                 if _NAME.match(v) and self.backend.exists(f"{model}/{v}/{MANIFEST_FILE}")]
 
     def has_version(self, model: str, version: str) -> bool:
-        return self.backend.exists(f"{check_name('model', model)}/{check_name('version', version)}")
+        """A version exists only once its manifest.json does: object stores publish the manifest last, so a
+        folder without one is an upload in progress or a crashed publish, never a version."""
+        return self.backend.exists(f"{check_name('model', model)}/{check_name('version', version)}/{MANIFEST_FILE}")
 
     def aliases(self, model: str) -> dict[str, str]:
         """alias -> version."""
