@@ -24,19 +24,6 @@ def _evaluate(args: argparse.Namespace) -> None:
     evaluate_command(args)
 
 
-def _up(args: argparse.Namespace) -> None:
-    """Bring the local store up to date with the shipped weights. The Ray Serve application that
-    serves it lands with the serving-core issue; until then `up` builds and lists what it would serve."""
-    from genserve.build import build
-    from model_store.store import ModelStore
-
-    store = ModelStore.open(args.store)
-    results = build(store)
-    print(f"store {store.uri} is current: "
-          + ", ".join(f"{r.family}@{r.version}" for r in results if r.version))
-    print("genserve: the HTTP/gRPC serving layer is not built yet (serving-core issue); nothing to start.")
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="genserve", description="Serve generative image models.")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores)")
@@ -55,14 +42,10 @@ def main(argv: list[str] | None = None) -> int:
     add_evaluate_arguments(p)
     p.set_defaults(func=_evaluate)
 
-    p = sub.add_parser("up", help="build the local store from the shipped weights (serving itself: next issue)")
-    p.add_argument("--store", default=None, metavar="PATH_OR_URI",
-                   help="model store (default: $GENSERVE_STORE, else ./model_store_data)")
-    p.set_defaults(func=_up)
-
-    from genserve import build as build_command, store_cli
+    from genserve import build as build_command, store_cli, up
     build_command.register(sub)
     store_cli.register(sub)
+    up.register(sub)
 
     args = parser.parse_args(argv)
     if args.threads:
