@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 
 from importlib.metadata import version
@@ -24,7 +25,8 @@ def _evaluate(args: argparse.Namespace) -> None:
     evaluate_command(args)
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """Every `genserve` subcommand; each sets `func(args)`, which raises on error (main() reports it)."""
     parser = argparse.ArgumentParser(prog="genserve", description="Serve generative image models.")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores)")
     parser.add_argument("--version", action="version", version=f"genserve {version('genserve')}")
@@ -46,8 +48,14 @@ def main(argv: list[str] | None = None) -> int:
     build_command.register(sub)
     store_cli.register(sub)
     up.register(sub)
+    return parser
 
-    args = parser.parse_args(argv)
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command != "up":  # `up` keeps Python's EPIPE errors: it owns sockets a client may drop
+        # Die quietly when the reader of our output goes away (`genserve store ls | head`), as Unix tools do.
+        signal.signal(signal.SIGPIPE, signal.SIG_DFL)
     if args.threads:
         torch.set_num_threads(args.threads)
     try:

@@ -2,7 +2,6 @@
 the store runs and agrees with the torch checkpoint."""
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
@@ -16,6 +15,7 @@ from families.checkpoint import config_to_dict, load_model, save_model
 from families.registry import get_family
 from genserve.build import build, sampling_settings, version_for, checkpoint_source
 from model_store import ModelStore
+from tests.helpers import run_cli
 
 torch.set_num_threads(1)
 
@@ -113,17 +113,6 @@ def test_sampling_settings_per_family():
     assert sampling_settings("flow").default == {"temperature": 0.7}
     assert sampling_settings("pixelcnn").default == {"temperature": 1.0}
     assert sampling_settings("gan").default == {} == sampling_settings("vae").default
-
-
-def run_cli(*argv: str) -> None:
-    from genserve import build as build_cli, store_cli
-
-    parser = argparse.ArgumentParser(prog="genserve")
-    sub = parser.add_subparsers(dest="command", required=True)
-    build_cli.register(sub)
-    store_cli.register(sub)
-    args = parser.parse_args(list(argv))
-    args.func(args)
 
 
 def test_build_and_publish_commands(setup, capsys):

@@ -2,7 +2,6 @@
 refusal, gc, backends and the `genserve store` CLI. No torch: versions are built from hand-made files."""
 from __future__ import annotations
 
-import argparse
 import json
 import multiprocessing
 import os
@@ -20,6 +19,7 @@ from model_store import (IntegrityError, Manifest, ModelStore, NotFound, Samplin
                          VersionExists)
 from model_store.backend import STAGING, LocalBackend, open_backend
 from model_store.manifest import LatencyProfile
+from tests.helpers import run_cli
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -331,15 +331,6 @@ def test_backend_choice_by_uri(tmp_path, monkeypatch):
 
 
 # ---- CLI -----------------------------------------------------------------------------------------
-
-def run_cli(*argv: str) -> None:
-    from genserve import store_cli
-
-    parser = argparse.ArgumentParser(prog="genserve")
-    store_cli.register(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(list(argv))
-    args.func(args)
-
 
 def test_store_cli(store, tmp_path, capsys):
     publish(store, tmp_path, "v1", created_at="2026-01-01T00:00:00+00:00")

@@ -2,7 +2,6 @@
 verified, immutability, a crashed upload never visible (and gc'd), aliases, tamper and path refusal, CLI."""
 from __future__ import annotations
 
-import argparse
 import json
 import uuid
 
@@ -12,6 +11,7 @@ import pytest
 from model_store import IntegrityError, ModelStore, NotFound, StoreError, VersionExists
 from model_store.fsspec_backend import FsspecBackend
 from tests.test_model_store import make_manifest, make_source
+from tests.helpers import run_cli
 
 
 @pytest.fixture
@@ -128,15 +128,6 @@ def test_backend_refuses_escaping_keys(store):
     for key in ("../x", "/etc/hostname", "a/../../x"):
         with pytest.raises(StoreError, match="escapes the store"):
             store.backend.read_bytes(key)
-
-
-def run_cli(*argv: str) -> None:
-    from genserve import store_cli
-
-    parser = argparse.ArgumentParser(prog="genserve")
-    store_cli.register(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(list(argv))
-    args.func(args)
 
 
 def test_store_cli_on_memory_store(store, tmp_path, capsys):
