@@ -36,6 +36,15 @@ class SourceCheckpoint:
     training_steps: int | None = None
 
 
+def _batch_keys_to_json(table: dict[str, dict[int, float]]) -> dict[str, dict[str, float]]:
+    """graph -> batch -> value, with the batch keys as strings: JSON objects only have string keys."""
+    return {g: {str(b): v for b, v in row.items()} for g, row in table.items()}
+
+
+def _batch_keys_from_json(table: dict[str, dict[str, float]]) -> dict[str, dict[int, float]]:
+    return {g: {int(b): float(v) for b, v in row.items()} for g, row in table.items()}
+
+
 @dataclass
 class LatencyProfile:
     """Median ms per forward pass of each graph, per batch size, measured at publish on `machine`."""
@@ -48,15 +57,11 @@ class LatencyProfile:
     ms_per_forward: dict[str, dict[int, float]]  # graph -> batch -> ms
 
     def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["ms_per_forward"] = {g: {str(b): ms for b, ms in v.items()} for g, v in self.ms_per_forward.items()}
-        return d
+        return {**asdict(self), "ms_per_forward": _batch_keys_to_json(self.ms_per_forward)}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> LatencyProfile:
-        d = dict(d)
-        d["ms_per_forward"] = {g: {int(b): float(ms) for b, ms in v.items()} for g, v in d["ms_per_forward"].items()}
-        return cls(**d)
+        return cls(**{**d, "ms_per_forward": _batch_keys_from_json(d["ms_per_forward"])})
 
 
 @dataclass
@@ -68,15 +73,11 @@ class ExportInfo:
     optimization: dict[str, dict[str, Any]]    # graph -> exporters.onnx_export.OptimizationReport as a dict
 
     def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["parity"] = {g: {str(b): e for b, e in v.items()} for g, v in self.parity.items()}
-        return d
+        return {**asdict(self), "parity": _batch_keys_to_json(self.parity)}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ExportInfo:
-        d = dict(d)
-        d["parity"] = {g: {int(b): float(e) for b, e in v.items()} for g, v in d["parity"].items()}
-        return cls(**d)
+        return cls(**{**d, "parity": _batch_keys_from_json(d["parity"])})
 
 
 @dataclass
