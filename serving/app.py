@@ -81,6 +81,10 @@ class IterativeDeployment:
         return ModelInfo(m.model, m.version, m.family, m.created_at, "iterative", self.model.providers.providers[0],
                          self.model.threads, asdict(self.config))
 
+    async def stats(self) -> dict:
+        """The engine's gauges and counters (serving.engine.metrics), for tests and benchmarks."""
+        return {k: v for k, v in vars(self.engine.core.metrics).items() if not k.startswith("_")}
+
     def __del__(self):
         if hasattr(self, "engine"):
             self.engine.stop()

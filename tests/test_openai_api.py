@@ -13,32 +13,21 @@ import urllib.error
 import urllib.request
 import zlib
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import numpy as np
 import openai
 import pytest
-import torch
 
 from exporters.contracts import NULL_CLASS
-from families.checkpoint import CARD_FILE, CHECKPOINT_ROOT, WEIGHTS_FILE, config_to_dict, save_model
-from families.registry import get_family
-from genserve.build import publish_checkpoint
 from model_store import ModelStore
 from serving.api.classes import class_from_prompt
 from serving.api.openai import APIError, parse_image_request
 from serving.api.png import encode_png
+from tests.helpers import APP, MAX_BATCH, MAX_WAIT_MS, ONE_PASS, SERVED_FAMILIES
 
-FAMILIES = ("gan", "vae", "flow")                # the one-pass path
-SERVED_FAMILIES = FAMILIES + ("diffusion",)      # + the iterative path (PixelCNN: 784 forwards an image, too slow here)
-SMALL = {"gan": dict(g_width=16, z_dim=32), "vae": dict(width=8, latent_dim=4),
-         "flow": dict(hidden=8, couplings_per_stage=1), "diffusion": dict(channels=(8, 16, 16), emb_dim=16)}
+FAMILIES = ONE_PASS                              # the one-pass path
 # Ray Serve's own pydantic models warn on import under pydantic 2.x; not ours to fix
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:ray.*")
-
-MAX_BATCH = 8          # the test config's max_batch_images: n = 16 spans two batches
-MAX_WAIT_MS = 20       # long enough that concurrent requests surely meet in a batch
-APP = "genserve"
 
 
 def decode_png(data: bytes) -> np.ndarray:
@@ -72,12 +61,6 @@ def http(method: str, url: str, body: bytes | None = None) -> tuple[int, dict]:
         text = err.read()
         assert b"Traceback" not in text
         return err.code, json.loads(text)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # ---- the API layer alone -------------------------------------------------------------------------------
@@ -140,55 +123,11 @@ def test_png_round_trip():
     np.testing.assert_array_equal(decode_png(encode_png(img)), img)
 
 
-# ---- the running app -----------------------------------------------------------------------------------
-
-def _small_checkpoint(root: Path, family: str) -> Path:
-    spec = get_family(family)
-    config = spec.Config(**SMALL[family])
-    torch.manual_seed(0)
-    card = {"family": family, "config": config_to_dict(config), "training_steps": 0, "metrics": {}}
-    save_model(root / family, spec.build(config).eval(), card)
-    return root / family
-
+# ---- the running app (tests/conftest.py starts it once per session) ------------------------------------
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory) -> ModelStore:
-    """gan / vae / flow / diffusion: the trained checkpoint where there is one, else a small random model."""
-    tmp = tmp_path_factory.mktemp("openai-api")
-    store = ModelStore.open(tmp / "store")
-    torch.set_num_threads(1)
-    for family in SERVED_FAMILIES:
-        trained = CHECKPOINT_ROOT / family
-        directory = trained if (trained / WEIGHTS_FILE).is_file() and (trained / CARD_FILE).is_file() \
-            else _small_checkpoint(tmp / "checkpoints", family)
-        publish_checkpoint(store, directory, max_batch=2, threads=1, log=lambda _: None)
-    return store
-
-
-@pytest.fixture(scope="module")
-def server(store):
-    """The app from deploy/serve_config.yaml, as `genserve up` runs it, scaled to this 2-core machine."""
-    from ray import serve
-
-    from serving.app import deploy, init_ray, load_config, serve_only_what_the_store_has
-
-    config, dropped = serve_only_what_the_store_has(load_config(), store.uri)
-    assert dropped == ["pixelcnn@latest"]
-    port = free_port()
-    config["http_options"] = {"host": "127.0.0.1", "port": port}
-    for d in config["applications"][0]["deployments"]:
-        if d["name"] in FAMILIES:
-            d["user_config"] = {"max_batch_images": MAX_BATCH, "max_wait_ms": MAX_WAIT_MS}
-        if d["name"] != "Ingress":
-            d["ray_actor_options"] = {"num_cpus": 0.5}   # 4 models x 0.5 = the 2 CPUs given to Ray
-    init_ray(num_cpus=2, log_to_driver=False)
-    try:
-        deploy(config, timeout_s=240)
-        yield {"url": f"http://127.0.0.1:{port}", "config": config}
-    finally:
-        serve.shutdown()
-        import ray
-        ray.shutdown()
+def store(served_store) -> ModelStore:
+    return served_store
 
 
 @pytest.fixture(scope="module")
@@ -215,7 +154,7 @@ def test_models_list(client, store):
     for name, m in models.items():
         assert m.object == "model" and m.owned_by == "genserve"
         assert (m.family, m.version) == (name, store.resolve(name)[1])
-        assert m.path == ("iterative" if name == "diffusion" else "one-pass") and m.threads == 1
+        assert m.path == ("one-pass" if name in ONE_PASS else "iterative") and m.threads == 1
     assert models["gan"].settings == {"max_batch_images": MAX_BATCH, "max_wait_ms": MAX_WAIT_MS}
     assert models["diffusion"].settings == {"max_batch_rows": 64}
     assert client.models.retrieve("vae").version == store.resolve("vae")[1]
@@ -329,22 +268,65 @@ def test_errors_in_openai_shape_and_the_server_keeps_serving(client, server):
     assert images_of(generate(client, "flow", seed=1)).shape == (1, 28, 28)   # still serving
 
 
-def test_reconfigure_max_batch_live(client, server):
-    """A new user_config in the same config file reaches the running replica (no restart)."""
+def _deploy_gan_batching(client, server, settings: dict) -> None:
     from serving.app import deploy
 
-    config = server["config"]
-    for d in config["applications"][0]["deployments"]:
+    for d in server["config"]["applications"][0]["deployments"]:
         if d["name"] == "gan":
-            d["user_config"] = {"max_batch_images": 2, "max_wait_ms": 2}
-    version_before = client.models.retrieve("gan").version
-    deploy(config, timeout_s=120)
+            d["user_config"] = settings
+    deploy(server["config"], timeout_s=120)
     deadline = time.monotonic() + 60  # the controller hands the new user_config to the replica just after
-    while (gan := client.models.retrieve("gan")).settings != {"max_batch_images": 2, "max_wait_ms": 2}:
+    while (gan := client.models.retrieve("gan")).settings != settings:
         assert time.monotonic() < deadline, gan.settings
         time.sleep(0.2)
-    assert gan.version == version_before
-    before = stats("gan")["batches"]
-    assert images_of(generate(client, "gan", n=5, seed=3)).shape == (5, 28, 28)
-    after = stats("gan")
-    assert list(after["recent_batch_sizes"])[-(after["batches"] - before):] == [2, 2, 1]
+
+
+def test_reconfigure_max_batch_live(client, server):
+    """A new user_config in the same config file reaches the running replica (no restart)."""
+    version_before = client.models.retrieve("gan").version
+    _deploy_gan_batching(client, server, {"max_batch_images": 2, "max_wait_ms": 2})
+    try:
+        assert client.models.retrieve("gan").version == version_before
+        before = stats("gan")["batches"]
+        assert images_of(generate(client, "gan", n=5, seed=3)).shape == (5, 28, 28)
+        after = stats("gan")
+        assert list(after["recent_batch_sizes"])[-(after["batches"] - before):] == [2, 2, 1]
+    finally:  # the app is shared by the session's other modules
+        _deploy_gan_batching(client, server, {"max_batch_images": MAX_BATCH, "max_wait_ms": MAX_WAIT_MS})
+
+
+def test_client_disconnect_frees_the_step_batch_slot(server, client):
+    """A client that hangs up mid-generation: Serve cancels the ingress call, the cancellation reaches the
+    iterative replica, and the request leaves the batch at the next step instead of running 1000 steps."""
+    before = stats("diffusion")
+    body = json.dumps({"model": "diffusion", "prompt": "bag", "n": 2, "seed": 1, "steps": 1000}).encode()
+    host, port = server["url"].removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port))) as conn:
+        conn.sendall(b"POST /v1/images/generations HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+        deadline = time.monotonic() + 30
+        while stats("diffusion")["running"] == 0:   # wait until it is in the step batch
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+    hung_up = time.monotonic()
+    while (now := stats("diffusion"))["cancelled"] == before["cancelled"]:
+        assert time.monotonic() - hung_up < 20, now
+        time.sleep(0.1)
+    assert now["running"] == 0 and now["finished"] == before["finished"]
+    assert images_of(generate(client, "diffusion", seed=2, steps=2)).shape == (1, 28, 28)  # still serving
+
+
+def test_pixelcnn_through_the_step_engine(client, store):
+    """PixelCNN's 784 pixel steps through the engine: seeded, and requests at different pixel positions
+    share forwards (the second joins while the first is mid-image)."""
+    before = stats("pixelcnn")
+    with ThreadPoolExecutor(2) as pool:
+        first = pool.submit(generate, client, "pixelcnn", prompt="trousers", seed=3)
+        time.sleep(0.5)
+        second = pool.submit(generate, client, "pixelcnn", prompt="bag", n=2, seed=4)
+        a, b = images_of(first.result()), images_of(second.result())
+    after = stats("pixelcnn")
+    assert a.shape == (1, 28, 28) and b.shape == (2, 28, 28)
+    assert first.result().model_extra["version"] == store.resolve("pixelcnn")[1]
+    assert after["steps"] - before["steps"] < 2 * 784   # they shared forwards
+    np.testing.assert_array_equal(images_of(generate(client, "pixelcnn", class_id=1, seed=3)), a)

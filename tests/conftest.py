@@ -1,0 +1,57 @@
+"""Session fixtures: ONE real genserve app for every test module that needs a server (OpenAI API, and the
+protocols and metrics built on it). It is the app from deploy/serve_config.yaml, as `genserve up` runs it,
+on a local Ray scaled to this 2-core machine, serving a store built here: the trained checkpoint of each
+family where checkpoints/ has one, else a small random model. Starting Ray and Serve costs tens of
+seconds, so it happens once per session, on first use."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from families.checkpoint import CARD_FILE, CHECKPOINT_ROOT, WEIGHTS_FILE
+from genserve.build import publish_checkpoint
+from model_store import ModelStore
+from tests.helpers import ONE_PASS, SERVED_FAMILIES, MAX_BATCH, MAX_WAIT_MS, free_port, small_checkpoint
+
+@pytest.fixture(scope="session")
+def served_store(tmp_path_factory) -> ModelStore:
+    tmp = tmp_path_factory.mktemp("served")
+    store = ModelStore.open(tmp / "store")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for family in SERVED_FAMILIES:
+            trained = CHECKPOINT_ROOT / family
+            directory = trained if (trained / WEIGHTS_FILE).is_file() and (trained / CARD_FILE).is_file() \
+                else small_checkpoint(tmp / "checkpoints", family)
+            publish_checkpoint(store, directory, max_batch=2, threads=1, log=lambda _: None)
+    finally:
+        torch.set_num_threads(threads)
+    return store
+
+
+@pytest.fixture(scope="session")
+def server(served_store):
+    """{"url", "config", "metrics_port"}: the app's HTTP root, the Serve config it runs (tests may redeploy
+    a changed copy, and must restore it), and the port Ray exports Prometheus metrics on."""
+    import ray
+    from ray import serve
+
+    from serving.app import deploy, init_ray, load_config, serve_only_what_the_store_has
+
+    config, dropped = serve_only_what_the_store_has(load_config(), served_store.uri)
+    assert dropped == []
+    port, metrics_port = free_port(), free_port()
+    config["http_options"] = {"host": "127.0.0.1", "port": port}
+    for d in config["applications"][0]["deployments"]:
+        if d["name"] in ONE_PASS:
+            d["user_config"] = {"max_batch_images": MAX_BATCH, "max_wait_ms": MAX_WAIT_MS}
+        if d["name"] != "Ingress":
+            d["ray_actor_options"] = {"num_cpus": 0.4}   # 5 models x 0.4 = the 2 CPUs given to Ray
+    init_ray(num_cpus=2, log_to_driver=False, _metrics_export_port=metrics_port)
+    try:
+        deploy(config, timeout_s=240)
+        yield {"url": f"http://127.0.0.1:{port}", "config": config, "metrics_port": metrics_port}
+    finally:
+        serve.shutdown()
+        ray.shutdown()
