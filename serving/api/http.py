@@ -1,0 +1,64 @@
+"""The ingress's FastAPI app and its error handlers, shared by every HTTP protocol. Each protocol's routes are
+an APIRouter in their own module (openai_routes.py, ...), included by ingress.py; a route reaches the
+running ingress.Ingress (model handles, the call to a model) through `current_ingress`. Every error is
+answered in the API's own shape; bad input is a 4xx, never a traceback.
+
+No `from __future__ import annotations` here or in the route modules: FastAPI reads the route signatures'
+types at runtime, and Serve's ingress wrapping hides the modules' names from it (a stringified `Request`
+became a 422)."""
+import json
+import logging
+
+from fastapi import FastAPI, Request
+from ray import serve
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from serving.api.openai import APIError
+
+logger = logging.getLogger("ray.serve")
+
+def current_ingress():
+    """FastAPI dependency: this replica's Ingress instance (plain functions, not Serve's class-based routes,
+    so a protocol's routes can live in their own module)."""
+    return serve.get_replica_context().servable_object
+
+
+api = FastAPI(title="genserve", docs_url=None, redoc_url=None, openapi_url=None)
+
+
+@api.exception_handler(APIError)
+async def _api_error(_: Request, exc: APIError) -> JSONResponse:
+    headers = {"Retry-After": "1"} if exc.status == 503 else None
+    return JSONResponse(exc.body(), status_code=exc.status, headers=headers)
+
+
+@api.exception_handler(StarletteHTTPException)
+async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    """Unknown routes and methods, in OpenAI's shape too."""
+    code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
+    return JSONResponse(APIError(exc.status_code, str(exc.detail), code=code).body(), status_code=exc.status_code)
+
+
+@api.exception_handler(RequestValidationError)
+async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+    """FastAPI's own parameter checks (path parameters): a 400, not its default 422."""
+    first = exc.errors()[0] if exc.errors() else {}
+    param = ".".join(str(p) for p in first.get("loc", ())[1:]) or None
+    err = APIError(400, f"{param or 'request'}: {first.get('msg', 'invalid request')}", param=param)
+    return JSONResponse(err.body(), status_code=400)
+
+
+@api.exception_handler(Exception)
+async def _internal_error(_: Request, exc: Exception) -> JSONResponse:
+    logger.exception("genserve ingress: unexpected error")
+    err = APIError(500, f"internal error: {type(exc).__name__}", type="server_error", code="internal_error")
+    return JSONResponse(err.body(), status_code=500)
+
+
+def decode_json(raw: bytes) -> object:
+    try:
+        return json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise APIError(400, f"the request body is not valid JSON: {exc}", code="invalid_json") from None

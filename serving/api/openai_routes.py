@@ -1,0 +1,35 @@
+"""The OpenAI Images API's routes: POST /v1/images/generations, GET /v1/models[/{id}]. Included in the
+ingress's app by ingress.py; each route reaches the running Ingress through `current_ingress`."""
+import asyncio
+import time
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse
+
+from serving.api.http import current_ingress, decode_json
+from serving.api.openai import APIError, images_response, models_response, parse_image_request
+
+router = APIRouter()
+
+
+@router.post("/v1/images/generations")
+async def generations(request: Request, ingress=Depends(current_ingress)) -> JSONResponse:
+    start = time.perf_counter()
+    req = parse_image_request(decode_json(await request.body()), ingress.families, ingress.default_model)
+    result = await ingress.generate_with(req.model, req.job)
+    return JSONResponse(images_response(req, result, (time.perf_counter() - start) * 1000))
+
+
+@router.get("/v1/models")
+async def list_models(ingress=Depends(current_ingress)) -> JSONResponse:
+    infos = await asyncio.gather(*(h.info.remote() for h in ingress.models.values()))
+    return JSONResponse(models_response(list(infos)))
+
+
+@router.get("/v1/models/{model_id}")
+async def retrieve_model(model_id: str, ingress=Depends(current_ingress)) -> JSONResponse:
+    if model_id not in ingress.models:
+        raise APIError(404, f"the model {model_id!r} does not exist; served models: {', '.join(sorted(ingress.models))}",
+                       param="model", code="model_not_found")
+    info = await ingress.models[model_id].info.remote()
+    return JSONResponse(models_response([info])["data"][0])
