@@ -27,6 +27,8 @@ from model_store.store import ModelStore
 from serving.api.ingress import Ingress
 from serving.api.jobs import GenerationJob, GenerationResult, ModelInfo
 from serving.config import DEFAULT_CONFIG, ITERATIVE_GRAPH, ONE_PASS_GRAPH, AppArgs, IterativeConfig
+from serving.observability import METRICS_PORT
+from serving.observability.engine import StepTiming, export_engine_metrics
 from serving.onepass.deployment import OnePassDeployment, replica_cpus
 from serving.runtime import load_model, threads_for
 
@@ -45,13 +47,17 @@ class IterativeDeployment:
         self.model = load_model(store, ref, ITERATIVE_GRAPH, threads=threads_for(replica_cpus()))
         runner = OnnxRunner(self.model.graph.session, self.model.graph.contract)
         stepper = DiffusionStepper(runner) if self.model.family == "diffusion" else PixelCNNStepper(runner)
+        self.timing = StepTiming(stepper, self.model.name)  # each request's queue vs compute time
         self.config = IterativeConfig()
-        self.engine = AsyncEngine(EngineCore(stepper, max_rows=self.config.max_batch_rows))
+        self.engine = AsyncEngine(EngineCore(self.timing, max_rows=self.config.max_batch_rows))
         self._loop: asyncio.Task | None = None
+        self._export: asyncio.Task | None = None
 
     async def reconfigure(self, user_config: dict) -> None:
         self.config = IterativeConfig.from_dict(user_config)
         self.engine.core.set_max_rows(self.config.max_batch_rows)
+        if self._export is None:  # Serve runs reconfigure at replica start (user_config is always set)
+            self._export = asyncio.create_task(export_engine_metrics(self.model.name, self.engine.core.metrics))
 
     def _request(self, job: GenerationJob):
         from serving.engine import DiffusionRequest, PixelCNNRequest
@@ -72,7 +78,7 @@ class IterativeDeployment:
         if self._loop is None or self._loop.done():
             self._loop = asyncio.get_running_loop().create_task(self.engine.run())
         request, settings = self._request(job)
-        images = await self.engine.submit(request)  # uint8 [n, 1, 28, 28]
+        images = await self.timing.submit(self.engine, request)  # uint8 [n, 1, 28, 28]
         return GenerationResult(images.numpy()[:, 0], self.model.name, self.model.version, self.model.family,
                                 (time.perf_counter() - start) * 1000, settings)
 
@@ -93,6 +99,8 @@ class IterativeDeployment:
 def build_app(args: dict[str, Any]) -> Application:
     """The Serve app builder named by the config's import_path: Serve calls it with the application's args.
     Raises ValueError (at deploy time) for a bad args block or a model the store does not have."""
+    from serving import request_batching  # the baseline builds on this module's deployments
+
     cfg = AppArgs.from_dict(args)
     store = ModelStore.open(cfg.store)
     handles, families = {}, {}
@@ -103,9 +111,9 @@ def build_app(args: dict[str, Any]) -> Application:
             raise ValueError(f"cannot serve {entry.name!r} ({entry.ref}) from store {store.uri}: {exc}; "
                              "run `genserve build` to publish the shipped checkpoints") from None
         if family in ONE_PASS_GRAPH:
-            deployment = OnePassDeployment
+            deployment = OnePassDeployment if cfg.batching == "step" else request_batching.RequestBatchedOnePass
         elif family in ITERATIVE_GRAPH:
-            deployment = IterativeDeployment
+            deployment = IterativeDeployment if cfg.batching == "step" else request_batching.RequestBatchedIterative
         else:
             raise ValueError(f"{entry.ref} is a {family!r} model, which genserve does not serve")
         handles[entry.name] = deployment.options(name=entry.name).bind(store.uri, entry.ref)
@@ -174,6 +182,8 @@ def deploy(config: dict[str, Any], *, timeout_s: float = 300.0) -> None:
 
 
 def init_ray(num_cpus: float | None = None, **kwargs: Any) -> None:
-    """An embedded local Ray for `genserve up` and the tests: no dashboard."""
+    """An embedded local Ray for `genserve up` and the tests: no dashboard; Prometheus metrics on
+    METRICS_PORT unless `_metrics_export_port` says otherwise."""
     if not ray.is_initialized():
+        kwargs.setdefault("_metrics_export_port", METRICS_PORT)
         ray.init(num_cpus=num_cpus, include_dashboard=False, **kwargs)
