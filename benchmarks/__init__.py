@@ -1,0 +1,1 @@
+"""genserve's serving benchmarks: `python -m benchmarks.serving --help`."""
