@@ -30,4 +30,11 @@ if [[ ! -e "$data_dir/t10k-images-idx3-ubyte.gz" && ! -e "$data_dir/t10k-images-
   $sudo_cmd apt-get update -qq
   $sudo_cmd apt-get install -y -qq dataset-fashion-mnist
 fi
+if [[ -n "$extras" && ! -x /usr/bin/chromium ]]; then
+  # Browser tests drive Debian's chromium through playwright (its own browser download needs the network).
+  echo "==> installing Debian's chromium"
+  [[ $(id -u) -ne 0 ]] && sudo_cmd="sudo" || sudo_cmd=""
+  $sudo_cmd apt-get update -qq
+  $sudo_cmd apt-get install -y -qq chromium
+fi
 echo "==> ready: $(.venv/bin/genserve --version)"
