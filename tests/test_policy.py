@@ -1,0 +1,270 @@
+"""The latency/quality policy (serving/policy/) on synthetic manifests and the simulator: no Ray, no models."""
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import replace
+
+import pytest
+
+from exporters.contracts import NULL_CLASS
+from serving.policy import (Decision, Hints, LiveState, Outcome, Policy, PolicyConfig, Rejection, ServedModel,
+                            candidates_of, setting_key)
+from serving.policy.simulator import SimConfig, main, poisson_ramp, simulate, summarize, synthetic_models
+
+BEST = "diffusion ddim/50 g=2.0"     # the synthetic models' best FD (40.0)
+
+
+def models(**drop_settings: list[str]) -> list[ServedModel]:
+    """The synthetic models; drop_settings: model -> setting keys whose metrics are removed (unmeasured)."""
+    out = []
+    for m in synthetic_models():
+        if m.name in drop_settings:
+            manifest = copy.deepcopy(m.manifest)
+            for key in drop_settings[m.name]:
+                del manifest.metrics["by_setting"][key]
+            m = replace(m, manifest=manifest)
+        out.append(m)
+    return out
+
+
+def policy(**config) -> Policy:
+    return Policy(models(), PolicyConfig(**config))
+
+
+def decide(p: Policy, now: float = 0.0, **hints) -> Decision | Rejection:
+    return p.decide(Hints(**hints), now)
+
+
+def key(sampler: str, steps: int) -> str:
+    return setting_key({"sampler": sampler, "steps": steps, "guidance_scale": 2.0})
+
+
+# ---- candidates and quality ----------------------------------------------------------------------------------
+
+def test_setting_key_matches_evaluate():
+    from families.evaluate import setting_key as evaluate_key
+
+    for s in ({}, {"temperature": 0.7}, {"sampler": "ddim", "steps": 50, "guidance_scale": 2.0}):
+        assert setting_key(s) == evaluate_key(s)
+
+
+def test_candidates_are_every_allowed_setting_with_its_own_metrics():
+    by_model = {m.name: candidates_of(m.name, m.manifest) for m in models()}
+    assert [c.label for c in by_model["gan"]] == ["gan"]
+    assert len(by_model["diffusion"]) == 6
+    fds = {c.label: c.quality.fd for c in by_model["diffusion"]}
+    assert fds["diffusion dpmpp_2m/10 g=2.0"] == 47.0 and fds[BEST] == 40.0
+    assert by_model["pixelcnn"][0].steps() == 784 and by_model["diffusion"][0].steps() == 10
+
+
+def test_an_unmeasured_setting_is_never_chosen_by_auto_but_served_when_asked():
+    p = Policy(models(diffusion=[key("ddim", 50)]))
+    assert next(c for c in p.candidates if c.label == BEST).quality is None
+    d = decide(p, latency_slo_ms=5000)
+    assert d.label == "diffusion dpmpp_2m/25 g=2.0"            # the best measured one
+    d = decide(p, model="diffusion", sampler="ddim", steps=50, latency_slo_ms=5000)
+    assert isinstance(d, Decision) and d.label == BEST and d.quality is None
+
+
+def test_default_setting_falls_back_to_the_top_level_metrics():
+    """Cards from before by_setting have only top-level metrics, which are the default setting's."""
+    gan = models()[0]
+    manifest = copy.deepcopy(gan.manifest)
+    del manifest.metrics["by_setting"]
+    assert candidates_of("gan", manifest)[0].quality.fd == 150.0
+
+
+# ---- the decision --------------------------------------------------------------------------------------------
+
+def test_tight_slo_gets_a_fast_family():
+    d = decide(policy(), latency_slo_ms=20)
+    assert d.model == "gan" and d.predicted_ms * d.margin <= 20
+    assert "better but too slow: diffusion" in d.reason
+
+
+def test_loose_slo_gets_the_best_diffusion_setting():
+    d = decide(policy(), latency_slo_ms=5000)
+    assert d.label == BEST and d.settings == {"sampler": "ddim", "steps": 50, "guidance_scale": 2.0}
+    assert d.units == 2 and d.steps == 50                     # guided: two rows per image
+    assert d.reason.startswith(f"{BEST}: best quality in time (FD 40.0")
+
+
+def test_a_middle_slo_gets_the_best_setting_that_fits():
+    d = decide(policy(), latency_slo_ms=100)                  # ddim/50 alone takes ~155 ms
+    assert d.family == "diffusion" and d.steps < 50
+    assert all(not k.fits for k in d.considered[:-1]) and d.considered[-1].fits
+
+
+def test_impossible_slo_is_rejected_429_without_retry_after():
+    r = decide(policy(), latency_slo_ms=1)
+    assert isinstance(r, Rejection) and r.reason == "slo_unattainable" and r.http_status == 429
+    assert r.retry_after_s is None and "even on an idle replica" in r.message
+
+
+@pytest.mark.parametrize("goal, families", [("likelihood", {"flow", "pixelcnn"}), ("latent", {"vae"})])
+def test_goal_restricts_the_families(goal, families):
+    for slo in (20, 500, 5000):
+        d = decide(policy(), goal=goal, latency_slo_ms=slo)
+        assert d.family in families and {k.label.split()[0] for k in d.considered} <= families
+
+
+def test_tiers_are_floors():
+    d = decide(policy(), tier="standard", latency_slo_ms=20)  # gan is the only candidate with acc >= 0.8 in time
+    assert d.model == "gan"
+    d = decide(policy(), tier="best", latency_slo_ms=5000)
+    assert d.label == BEST and all(k.fd <= 40.0 * 1.1 for k in d.considered)
+    assert isinstance(decide(policy(), tier="best", latency_slo_ms=20), Rejection)
+    r = decide(policy(), max_fd=30, latency_slo_ms=5000)
+    assert isinstance(r, Rejection) and r.reason == "no_candidate" and r.http_status == 400
+
+
+def test_pinned_settings_restrict_auto():
+    d = decide(policy(), steps=25, latency_slo_ms=5000)
+    assert d.label == "diffusion dpmpp_2m/25 g=2.0"           # better than ddim/25
+
+
+def test_classless_requests_take_one_row_and_too_wide_ones_skip_the_engine():
+    assert decide(policy(), class_id=NULL_CLASS, latency_slo_ms=5000).units == 1
+    d = decide(policy(), n=40, latency_slo_ms=5000)            # 80 guided rows > the 64-row budget
+    assert d.family != "diffusion" and math.isinf(d.considered[0].predicted_ms)
+
+
+def test_best_effort_gets_the_fastest_candidate():
+    d = decide(policy(), latency_slo_ms=1, best_effort=True)
+    assert isinstance(d, Decision) and d.best_effort
+    assert d.predicted_ms == min(k.predicted_ms for k in d.considered)
+    assert d.reason.startswith(f"{d.label}: best effort")
+
+
+def test_explicit_model_bypasses_the_choice_but_not_admission():
+    p = policy()
+    d = decide(p, model="gan", latency_slo_ms=5000)
+    assert d.model == "gan" and len(d.considered) == 1 and "requested" in d.reason
+    d = decide(p, model="diffusion", steps=30, latency_slo_ms=5000)
+    assert d.settings["steps"] == 30 and d.settings["sampler"] == "dpmpp_2m"
+    r = decide(p, model="pixelcnn", latency_slo_ms=500)        # 784 steps: ~1.4 s even alone
+    assert isinstance(r, Rejection) and r.http_status == 429
+    with pytest.raises(ValueError, match="unknown model"):
+        decide(p, model="nope")
+
+
+# ---- admission: the ledger -----------------------------------------------------------------------------------
+
+def test_a_burst_cannot_overcommit_the_step_engine():
+    """200 diffusion requests within 50 ms: some are turned away at once, and every admitted one is in time."""
+    burst = [(i * 0.00025, Hints(model="diffusion", latency_slo_ms=500)) for i in range(200)]
+    results = simulate(policy(), burst, SimConfig(noise=0.02))
+    admitted = [r for r in results if r.admitted]
+    assert 10 < len(admitted) < 200
+    assert all(r.met for r in admitted)
+    assert {r.outcome.reason for r in results if not r.admitted} == {"overloaded"}
+
+
+def test_each_admission_is_predicted_behind_the_ones_before():
+    p = policy()
+    first, second = (decide(p, model="diffusion", latency_slo_ms=5000) for _ in range(2))
+    assert second.predicted_ms > first.predicted_ms
+    assert p._admitted[first.ticket].expected_ms > first.predicted_ms  # the second one's rows slow it down
+
+
+def test_retry_after_is_when_the_admitted_work_has_drained_enough():
+    p = policy()
+    admitted = [decide(p, model="diffusion", latency_slo_ms=2000) for _ in range(100)]
+    assert isinstance(admitted[-1], Rejection)                 # 2 s of engine work are full
+    r = decide(p, model="diffusion", latency_slo_ms=300)
+    assert isinstance(r, Rejection) and r.reason == "overloaded"
+    assert 0 < r.retry_after_s < 2.0
+    assert isinstance(decide(p, r.retry_after_s / 2, model="diffusion", latency_slo_ms=300), Rejection)
+    assert isinstance(decide(p, r.retry_after_s + 0.01, model="diffusion", latency_slo_ms=300), Decision)
+
+
+def test_finishing_frees_the_ledger():
+    p = policy()
+    d = decide(p, model="diffusion", latency_slo_ms=5000)
+    busy = decide(p, 0.001, model="diffusion", latency_slo_ms=5000).predicted_ms
+    p.finish(d.ticket, 0.002)
+    assert decide(p, 0.002, model="diffusion", latency_slo_ms=5000).predicted_ms < busy
+
+
+def test_live_state_adds_load_the_ledger_does_not_know():
+    p = policy()
+    idle = decide(p, model="diffusion", latency_slo_ms=5000)
+    p.finish(idle.ticket, 0.01)
+    p.observe_live("diffusion", LiveState(0.01, running_units=60, running_requests=30, running_steps=30 * 40))
+    busy = decide(p, 0.01, model="diffusion", latency_slo_ms=5000)
+    assert busy.predicted_ms > 3 * idle.predicted_ms
+    p.finish(busy.ticket, 0.02)
+    p.observe_live("diffusion", LiveState(0.02))              # the replica emptied: the anonymous load goes
+    assert decide(p, 0.02, model="diffusion", latency_slo_ms=5000).predicted_ms < 1.2 * idle.predicted_ms
+
+
+# ---- online correction ---------------------------------------------------------------------------------------
+
+def test_online_correction_follows_a_slowdown():
+    p = policy()
+    before = decide(p, model="diffusion", latency_slo_ms=5000)
+    p.finish(before.ticket, before.predicted_ms / 1000)        # as predicted: nothing to correct
+    now = 1.0
+    for _ in range(40):                                        # then the machine runs at half speed
+        d = decide(p, now, model="diffusion", latency_slo_ms=5000)
+        now += 2 * before.predicted_ms / 1000
+        p.finish(d.ticket, now)
+    after = decide(p, now, model="diffusion", latency_slo_ms=5000)
+    assert 1.8 < after.predicted_ms / before.predicted_ms < 2.1
+    assert 1.8 < p.loads["diffusion"].fit.factor < 2.1
+    assert p.loads["gan"].fit.factor == 1.0                   # per model
+
+
+def test_the_simulated_slowdown_is_learnt_and_met():
+    p = policy()
+    results = simulate(p, poisson_ramp([20], 5.0, [500, 2000], seed=3), SimConfig(slowdown=2.0))
+    assert 1.7 < p.loads["diffusion"].fit.factor < 2.3
+    late = [r for r in results[len(results) // 2:] if r.admitted]
+    assert sum(r.met for r in late) / len(late) >= 0.99
+
+
+def test_margin_follows_prediction_errors():
+    p = policy()
+    assert p.loads["gan"].margin.value == 1.2                 # the prior
+    for i in range(50):
+        d = decide(p, i, model="gan", latency_slo_ms=5000)
+        p.finish(d.ticket, i + 1.5 * d.predicted_ms / 1000 if i % 10 == 0 else i + d.predicted_ms / 1000)
+    assert p.loads["gan"].margin.value > 1.2                  # one in ten came 1.5x late
+
+
+# ---- counters ------------------------------------------------------------------------------------------------
+
+def test_counters():
+    p = policy()
+    ok, late, gone = (decide(p, model="gan", latency_slo_ms=100) for _ in range(3))
+    decide(p, latency_slo_ms=1)
+    p.finish(ok.ticket, 0.01)
+    p.finish(late.ticket, 0.1, Outcome.EXPIRED)
+    finished = p.finish(gone.ticket, 0.01, Outcome.CANCELLED)
+    assert not finished.met and finished.actual_ms == pytest.approx(10)
+    s = p.stats
+    assert s.decisions == {"gan": 3} and s.rejections == {"slo_unattainable": 1}
+    assert s.slo_met == {"gan": 1} and s.slo_missed == {"gan": 1} and s.abandoned == {"gan": 1}
+
+
+# ---- the simulator -------------------------------------------------------------------------------------------
+
+def test_auto_meets_its_slos_across_a_ramp():
+    rates = [5, 50, 200]
+    results = simulate(policy(), poisson_ramp(rates, 3.0, [100, 500, 2000], seed=1))
+    for i in range(len(rates)):
+        level = summarize([r for r in results if 3 * i <= r.arrival < 3 * (i + 1)])
+        assert level.attainment >= 0.99 and level.rejected == 0.0
+
+
+def test_quality_at_low_load_is_the_best_candidates():
+    results = simulate(policy(), poisson_ramp([2], 5.0, [2000], seed=2))
+    assert {r.outcome.label for r in results} == {BEST}
+    assert summarize(results).mean_fd == 40.0
+
+
+def test_simulator_cli_prints_the_comparison(capsys):
+    main(["--rates", "5", "--level-seconds", "1"])
+    table = capsys.readouterr().out
+    assert "| 5 | auto |" in table and "| 5 | pixelcnn |" in table and "SLO met (admitted)" in table
