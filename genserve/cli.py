@@ -44,11 +44,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_evaluate_arguments(p)
     p.set_defaults(func=_evaluate)
 
-    from genserve import build as build_command, loadtest_cli, store_cli, up
+    from genserve import anomaly, build as build_command, loadtest_cli, store_cli, up
     build_command.register(sub)
     store_cli.register(sub)
     up.register(sub)
     loadtest_cli.register(sub)
+    anomaly.register(sub)
     return parser
 
 

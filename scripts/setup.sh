@@ -37,4 +37,11 @@ if [[ -n "$extras" && ! -x /usr/bin/chromium ]]; then
   $sudo_cmd apt-get update -qq
   $sudo_cmd apt-get install -y -qq chromium
 fi
+if [[ -n "$extras" ]] && ! { command -v prometheus && command -v promtool; } >/dev/null; then
+  # The metrics tests scrape the app with a real Prometheus and check the alert rules with promtool.
+  echo "==> installing Debian's prometheus"
+  [[ $(id -u) -ne 0 ]] && sudo_cmd="sudo" || sudo_cmd=""
+  $sudo_cmd apt-get update -qq
+  $sudo_cmd apt-get install -y -qq --no-install-recommends prometheus
+fi
 echo "==> ready: $(.venv/bin/genserve --version)"

@@ -12,11 +12,14 @@ with every hash verified.
 from __future__ import annotations
 
 import asyncio
+import socket
+import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import ray
 import yaml
 from ray import serve
@@ -25,11 +28,12 @@ from ray.serve import Application
 from model_store.errors import StoreError
 from model_store.store import ModelStore
 from serving.api.ingress import Ingress
-from serving.api.jobs import GenerationJob, GenerationResult, ModelInfo
+from serving.api.jobs import GenerationJob, GenerationResult, ImagesJob, LikelihoodResult, ModelInfo
 from serving.config import DEFAULT_CONFIG, ITERATIVE_GRAPH, ONE_PASS_GRAPH, AppArgs, IterativeConfig
 from serving.observability import METRICS_PORT
 from serving.observability.engine import StepTiming, export_engine_metrics
 from serving.onepass.deployment import OnePassDeployment, replica_cpus
+from serving.operations import pixelcnn_bits_per_dim
 from serving.runtime import load_model, threads_for
 
 INGRESS = "Ingress"   # the ingress deployment's name in the config
@@ -82,10 +86,26 @@ class IterativeDeployment:
         return GenerationResult(images.numpy()[:, 0], self.model.name, self.model.version, self.model.family,
                                 (time.perf_counter() - start) * 1000, settings)
 
+    async def log_likelihood(self, job: ImagesJob) -> LikelihoodResult:
+        """pixelcnn: exact bits/dim of each image from ONE teacher-forced forward of the logits graph (the
+        whole image in, every pixel's distribution out), beside the engine rather than through its step
+        loop, in chunks of max_batch_rows. ValueError (HTTP 400) on diffusion, which has no likelihood."""
+        start = time.perf_counter()
+        if self.model.family != "pixelcnn":
+            raise ValueError(f"{self.model.name} is a {self.model.family} model; likelihood needs a flow or "
+                             "pixelcnn model")
+        size, bits = self.config.max_batch_rows, []
+        for i in range(0, len(job.images), size):
+            images = job.images[i:i + size]
+            feeds = {"x": images[:, None].astype(np.float32), "y": np.full(len(images), job.class_id, np.int64)}
+            logits = await asyncio.to_thread(self.model.graph.run, feeds)  # [n, 256, 28, 28]
+            bits.append(pixelcnn_bits_per_dim(logits, images))
+        return LikelihoodResult(np.concatenate(bits), self.model.name, self.model.version, self.model.family,
+                                (time.perf_counter() - start) * 1000)
+
     async def info(self) -> ModelInfo:
-        m = self.model.manifest
-        return ModelInfo(m.model, m.version, m.family, m.created_at, "iterative", self.model.providers.providers[0],
-                         self.model.threads, asdict(self.config))
+        return ModelInfo.describe(self.model.manifest, path="iterative", provider=self.model.providers.providers[0],
+                                  threads=self.model.threads, settings=asdict(self.config))
 
     async def stats(self) -> dict:
         """The engine's gauges and counters (serving.engine.metrics), for tests and benchmarks."""
@@ -157,14 +177,15 @@ def serve_only_what_the_store_has(config: dict[str, Any], store_uri: str | None 
 
 
 def deploy(config: dict[str, Any], *, timeout_s: float = 300.0) -> None:
-    """What `serve run CONFIG` does, then wait until every application is RUNNING: start Serve (HTTP options
-    from the config) on the connected Ray, deploy the applications, and raise RuntimeError with Serve's
+    """What `serve run CONFIG` does, then wait until every application is RUNNING: start Serve (HTTP and gRPC
+    options from the config) on the connected Ray, deploy the applications, and raise RuntimeError with Serve's
     message if one fails to deploy. Ray must be initialized."""
     from ray.serve._private import api as serve_private_api
     from ray.serve.schema import ServeDeploySchema
 
     schema = ServeDeploySchema.model_validate(config)
     client = serve_private_api.serve_start(http_options=schema.http_options.model_dump(),
+                                           grpc_options=schema.grpc_options.model_dump(),
                                            proxy_location=schema.proxy_location)
     client.deploy_apps(schema)
     names = [app.name for app in schema.applications]
@@ -182,8 +203,22 @@ def deploy(config: dict[str, Any], *, timeout_s: float = 300.0) -> None:
 
 
 def init_ray(num_cpus: float | None = None, **kwargs: Any) -> None:
-    """An embedded local Ray for `genserve up` and the tests: no dashboard; Prometheus metrics on
-    METRICS_PORT unless `_metrics_export_port` says otherwise."""
+    """An embedded local Ray for `genserve up` and the tests: no dashboard. Prometheus metrics on
+    METRICS_PORT unless `_metrics_export_port` says otherwise; if that port is taken, on one Ray picks
+    (printed): Ray does not start on a busy metrics port."""
     if not ray.is_initialized():
-        kwargs.setdefault("_metrics_export_port", METRICS_PORT)
+        chosen = "_metrics_export_port" in kwargs
+        if not chosen and _port_free(METRICS_PORT):
+            kwargs["_metrics_export_port"] = METRICS_PORT
         ray.init(num_cpus=num_cpus, include_dashboard=False, **kwargs)
+        if not chosen and (port := ray.nodes()[0]["MetricsExportPort"]) != METRICS_PORT:
+            print(f"genserve: port {METRICS_PORT} is taken; Prometheus metrics are on port {port}", file=sys.stderr)
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("0.0.0.0", port))  # where Ray's metrics agent listens
+            return True
+        except OSError:
+            return False

@@ -11,7 +11,8 @@ import torch
 from families.checkpoint import CARD_FILE, CHECKPOINT_ROOT, WEIGHTS_FILE
 from genserve.build import publish_checkpoint
 from model_store import ModelStore
-from tests.helpers import ONE_PASS, SERVED_FAMILIES, MAX_BATCH, MAX_WAIT_MS, free_port, small_checkpoint
+from tests.helpers import (ONE_PASS, SERVED_FAMILIES, MAX_BATCH, MAX_WAIT_MS, METRICS_EXPORT_MS, free_port,
+                           small_checkpoint)
 
 @pytest.fixture(scope="session")
 def served_store(tmp_path_factory) -> ModelStore:
@@ -32,8 +33,9 @@ def served_store(tmp_path_factory) -> ModelStore:
 
 @pytest.fixture(scope="session")
 def server(served_store):
-    """{"url", "config", "metrics_port"}: the app's HTTP root, the Serve config it runs (tests may redeploy
-    a changed copy, and must restore it), and the port Ray exports Prometheus metrics on."""
+    """{"url", "grpc", "config", "metrics_port"}: the app's HTTP root, its gRPC address (host:port), the Serve
+    config it runs (tests may redeploy a changed copy, and must restore it), and the port Ray exports
+    Prometheus metrics on."""
     import ray
     from ray import serve
 
@@ -41,17 +43,20 @@ def server(served_store):
 
     config, dropped = serve_only_what_the_store_has(load_config(), served_store.uri)
     assert dropped == []
-    port, metrics_port = free_port(), free_port()
+    port, grpc_port, metrics_port = free_port(), free_port(), free_port()
     config["http_options"] = {"host": "127.0.0.1", "port": port}
+    config["grpc_options"]["port"] = grpc_port
     for d in config["applications"][0]["deployments"]:
         if d["name"] in ONE_PASS:
             d["user_config"] = {"max_batch_images": MAX_BATCH, "max_wait_ms": MAX_WAIT_MS}
         if d["name"] != "Ingress":
             d["ray_actor_options"] = {"num_cpus": 0.4}   # 5 models x 0.4 = the 2 CPUs given to Ray
-    init_ray(num_cpus=2, log_to_driver=False, _metrics_export_port=metrics_port)
+    init_ray(num_cpus=2, log_to_driver=False, _metrics_export_port=metrics_port,
+             _system_config={"metrics_report_interval_ms": METRICS_EXPORT_MS})
     try:
         deploy(config, timeout_s=240)
-        yield {"url": f"http://127.0.0.1:{port}", "config": config, "metrics_port": metrics_port}
+        yield {"url": f"http://127.0.0.1:{port}", "grpc": f"127.0.0.1:{grpc_port}", "config": config,
+               "metrics_port": metrics_port}
     finally:
         serve.shutdown()
         ray.shutdown()

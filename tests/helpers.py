@@ -1,6 +1,7 @@
 """Shared test helpers, and the constants of the served test app (tests/conftest.py)."""
 from __future__ import annotations
 
+import random
 import socket
 from pathlib import Path
 
@@ -18,12 +19,21 @@ SMALL = {"gan": dict(g_width=16, z_dim=32), "vae": dict(width=8, latent_dim=4),
 MAX_BATCH = 8          # the test config's max_batch_images: n = 16 spans two batches
 MAX_WAIT_MS = 20       # long enough that concurrent requests surely meet in a batch
 APP = "genserve"
+METRICS_EXPORT_MS = 1000  # the test app's metrics_report_interval_ms: Ray's floor, its default is 10 s
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A port free now, below the kernel's ephemeral range: Ray's workers take ephemeral ports as they start,
+    and took one picked there before the server bound it (a gRPC proxy failed to bind, once)."""
+    first_ephemeral = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    for port in random.sample(range(10_000, first_ephemeral), 100):
+        with socket.socket() as s:
+            try:
+                s.bind(("0.0.0.0", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free port in [10000, {first_ephemeral})")
 
 
 def small_checkpoint(root: Path, family: str) -> Path:

@@ -16,6 +16,9 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from serving.api.openai import APIError
+from serving.api.openapi import openapi_document
+from serving.observability import note_error_code
+from serving.observability.http import observe_http
 
 logger = logging.getLogger("ray.serve")
 
@@ -25,36 +28,45 @@ def current_ingress():
     return serve.get_replica_context().servable_object
 
 
-api = FastAPI(title="genserve", docs_url=None, redoc_url=None, openapi_url=None)
+api = FastAPI(title="genserve", docs_url=None, redoc_url=None, openapi_url="/openapi.json")
+api.openapi = lambda: openapi_document(api)  # request bodies described by schema models (serving/api/openapi.py)
+api.middleware("http")(observe_http)  # request duration by model, route, protocol and status
+
+
+def _error(request: Request, err: APIError, headers: dict | None = None) -> JSONResponse:
+    """An error in the shape of the protocol the route belongs to: KServe v2's {"error": message} under /v2,
+    OpenAI's everywhere else."""
+    body = {"error": err.message} if request.url.path.startswith("/v2") else err.body()
+    return JSONResponse(body, status_code=err.status, headers=headers)
 
 
 @api.exception_handler(APIError)
-async def _api_error(_: Request, exc: APIError) -> JSONResponse:
-    headers = {"Retry-After": "1"} if exc.status == 503 else None
-    return JSONResponse(exc.body(), status_code=exc.status, headers=headers)
+async def _api_error(request: Request, exc: APIError) -> JSONResponse:
+    note_error_code(exc.code)  # the reason label of a 429/503 rejection
+    return _error(request, exc, exc.headers())
 
 
 @api.exception_handler(StarletteHTTPException)
-async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-    """Unknown routes and methods, in OpenAI's shape too."""
+async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    """Unknown routes and methods, in the API's shape too."""
     code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
-    return JSONResponse(APIError(exc.status_code, str(exc.detail), code=code).body(), status_code=exc.status_code)
+    return _error(request, APIError(exc.status_code, str(exc.detail), code=code))
 
 
 @api.exception_handler(RequestValidationError)
-async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
     """FastAPI's own parameter checks (path parameters): a 400, not its default 422."""
     first = exc.errors()[0] if exc.errors() else {}
     param = ".".join(str(p) for p in first.get("loc", ())[1:]) or None
     err = APIError(400, f"{param or 'request'}: {first.get('msg', 'invalid request')}", param=param)
-    return JSONResponse(err.body(), status_code=400)
+    return _error(request, err)
 
 
 @api.exception_handler(Exception)
-async def _internal_error(_: Request, exc: Exception) -> JSONResponse:
+async def _internal_error(request: Request, exc: Exception) -> JSONResponse:
     logger.exception("genserve ingress: unexpected error")
     err = APIError(500, f"internal error: {type(exc).__name__}", type="server_error", code="internal_error")
-    return JSONResponse(err.body(), status_code=500)
+    return _error(request, err)
 
 
 def decode_json(raw: bytes) -> object:

@@ -6,15 +6,19 @@ its own shape).
 
 Imports no runtime and no torch: the model deployments hold the sessions and the engine."""
 import asyncio
+from typing import Any
 
 from ray import serve
 from ray.serve.exceptions import BackPressureError, RequestCancelledError
 from ray.serve.handle import DeploymentHandle
 
 from serving.api.http import api, logger
-from serving.api.jobs import GenerationJob, GenerationResult
+from serving.api.jobs import GenerationJob, GenerationResult, ImagesJob, InterpolationJob
 from serving.api.openai import APIError
-from serving.api import openai_routes
+from serving.api import family_routes, kserve_http, openai_routes, playground
+from serving.api.kserve import OpenInference
+from serving.api.kserve_grpc import GRPCInferenceService
+from serving.observability import note_model, observe_model_call
 
 # Errors a model deployment raises on purpose, by class name: the iterative engine's live in serving.engine,
 # which imports torch, and the ingress stays torch-free.
@@ -23,23 +27,43 @@ _REQUEST_ERRORS = {"DeadlineExceeded": (504, "timeout_error", "deadline_exceeded
                    "EngineStopped": (503, "server_error", "engine_stopped")}
 
 api.include_router(openai_routes.router)
+api.include_router(family_routes.router)
+api.include_router(playground.router)
+api.include_router(kserve_http.router)
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=1000)
 @serve.ingress(api)
-class Ingress:
+class Ingress(GRPCInferenceService):  # gRPC: Serve's proxy calls the method named after the RPC
     def __init__(self, models: dict[str, DeploymentHandle], families: dict[str, str], default_model: str,
                  timeout_s: float):
         """models: name -> handle of its deployment; families: name -> family (from the store at build)."""
         self.models, self.families = models, families
         self.default_model, self.timeout_s = default_model, timeout_s
+        self.v2 = OpenInference(self)  # KServe v2's operations, for its HTTP routes and gRPC methods
 
     async def generate_with(self, model: str, job: GenerationJob) -> GenerationResult:
-        """One call to the model's deployment, bounded by the job's SLO (else the ingress timeout)."""
-        timeout = job.timeout_s or self.timeout_s
-        response = self.models[model].generate.remote(job)
+        """One call to the model's deployment, bounded by the job's SLO (else the ingress timeout); its
+        model, images and SLO outcome go to the request's metrics."""
+        with observe_model_call(model, job.n, job.timeout_s):
+            return await self._call_model(model, job)
+
+    async def operate(self, model: str, method: str, job: InterpolationJob | ImagesJob) -> Any:
+        """One of a family's own operations: method is interpolate, reconstruct or log_likelihood (the
+        model deployment's method; serving.api.family_ops checked the model has it). Bounded by the ingress
+        timeout, its failures mapped as generate_with's."""
+        return await self._call_model(model, job, method)
+
+    async def _call_model(self, model: str, job: GenerationJob | InterpolationJob | ImagesJob,
+                          method: str = "generate") -> Any:
+        note_model(model)  # the request's model label
+        timeout = getattr(job, "timeout_s", None) or self.timeout_s
+        response = getattr(self.models[model], method).remote(job)
         try:
             return await asyncio.wait_for(response, timeout)  # a DeploymentResponse is awaitable
+        except asyncio.CancelledError:  # the caller gave up (e.g. a sibling call failed): so does the model
+            response.cancel()
+            raise
         except TimeoutError:
             response.cancel()  # the job leaves the model's queue (or the engine's batch) too
             raise APIError(504, f"{model} did not answer within {timeout * 1000:.0f} ms", type="timeout_error",

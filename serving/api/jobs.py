@@ -2,9 +2,12 @@
 API (OpenAI today, KServe next) is translated to. Jobs are validated at the edge; deployments trust them."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
+
+from model_store.manifest import Manifest
+from serving.operations import operations_of
 
 
 @dataclass(frozen=True)
@@ -42,3 +45,54 @@ class ModelInfo:
     provider: str               # ONNX Runtime's execution provider
     threads: int                # intra-op threads per session
     settings: dict              # the deployment's live user_config
+    operations: tuple[str, ...] = ("generate",)  # what it does: + interpolate, reconstruct (vae), likelihood
+    metrics: dict = field(default_factory=dict)  # quality from `genserve evaluate` (manifest, by_setting left out)
+    latency: dict | None = None  # the manifest's latency profile: ms per forward per graph and batch, machine
+
+    @classmethod
+    def describe(cls, manifest: Manifest, *, path: str, provider: str, threads: int, settings: dict) -> ModelInfo:
+        """A served version, from its manifest: identity, operations, quality and latency profile."""
+        return cls(manifest.model, manifest.version, manifest.family, manifest.created_at, path, provider, threads,
+                   settings, operations_of(manifest.family),
+                   {k: v for k, v in manifest.metrics.items() if k != "by_setting"},
+                   manifest.latency.to_dict() if manifest.latency else None)
+
+
+# ---- the families' own operations (serving/operations.py has their maths) -------------------------------
+
+@dataclass(frozen=True)
+class InterpolationJob:
+    """A walk through a VAE's latent space between two endpoints, decoded at every frame."""
+
+    class_id: int                           # every frame is decoded (and endpoint images encoded) with it
+    frames: int                             # images on the path, both endpoints included, >= 2
+    seeds: tuple[int, int] | None = None    # endpoints: these seeds' prior latents (= their 1-image samples)...
+    images: np.ndarray | None = None        # ...or the encodings of these two images, uint8 [2, 28, 28]
+
+
+@dataclass(frozen=True)
+class ImagesJob:
+    """Images in, one answer per image: reconstruction (vae) or exact log-likelihood (flow, pixelcnn)."""
+
+    images: np.ndarray                      # uint8 [n, 28, 28], n >= 1
+    class_id: int                           # condition on this class; NULL_CLASS: the unconditional model
+    seed: int = 0                           # the flow's dequantization noise, so a result can be reproduced
+
+
+@dataclass
+class ReconstructionResult:
+    images: np.ndarray          # uint8 [n, 28, 28]: the decoder's mean at the encoder's mean
+    mse: np.ndarray             # float [n]: mean squared error per pixel, [0, 1] scale (the anomaly score)
+    model: str
+    version: str
+    family: str
+    replica_ms: float
+
+
+@dataclass
+class LikelihoodResult:
+    bits_per_dim: np.ndarray    # float [n]: -log2 p(x | class) / 784 of each 8-bit image
+    model: str
+    version: str
+    family: str
+    replica_ms: float

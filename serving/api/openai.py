@@ -38,9 +38,16 @@ class APIError(Exception):
     """An error answered in OpenAI's shape; 4xx is the client's, 5xx ours."""
 
     def __init__(self, status: int, message: str, *, type: str = "invalid_request_error",
-                 param: str | None = None, code: str | None = None):
+                 param: str | None = None, code: str | None = None, retry_after_s: float | None = None):
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+        self.retry_after_s = retry_after_s  # a 429 / 503's Retry-After; None: retrying later will not help
+
+    def headers(self) -> dict[str, str] | None:
+        """Retry-After (whole seconds, rounded up) on a 429 that waiting helps, and on every 503."""
+        if self.retry_after_s is not None:
+            return {"Retry-After": str(max(1, math.ceil(self.retry_after_s)))}
+        return {"Retry-After": "1"} if self.status == 503 else None
 
     def body(self) -> dict[str, Any]:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
@@ -77,14 +84,7 @@ def parse_image_request(body: Any, families: dict[str, str], default_model: str)
         raise invalid(unknown[0], f"unrecognized request argument: {unknown[0]!r}; genserve takes "
                                   f"{', '.join(sorted(_KNOWN - _IGNORED))}", "unknown_parameter")
 
-    model = body.get("model")
-    if model is None or model == AUTO:
-        model = default_model
-    if not isinstance(model, str):
-        raise invalid("model", f"model must be a string, got {model!r}")
-    if model not in families:
-        raise APIError(404, f"the model {model!r} does not exist; served models: {', '.join(sorted(families))} "
-                            f"(or {AUTO!r})", param="model", code="model_not_found")
+    model = resolve_model(body.get("model"), families, default_model)
     family = families[model]
 
     n = body.get("n", 1)
@@ -105,33 +105,60 @@ def parse_image_request(body: Any, families: dict[str, str], default_model: str)
     class_id = _parse_class(body.get("prompt"), body.get("class_id"))
 
     seed = body.get("seed")
-    if seed is None:
-        seed = secrets.randbits(32)  # reported in the response, so any image can be made again
-    elif not _is_int(seed) or not 0 <= seed <= MAX_SEED:
-        raise invalid("seed", f"seed must be an integer in [0, 2**64 - 1], got {seed!r}")
+    # a drawn seed is reported in the response, so any image can be made again
+    seed = secrets.randbits(32) if seed is None else check_seed(seed)
+    job = GenerationJob(class_id=class_id, n=n, seed=seed, **sampling_options(body, model, family))
+    return ImageRequest(model, job, factor, None if class_id == NULL_CLASS else CLASS_NAMES[class_id])
 
+
+# ---- checks every API shares (OpenAI here, KServe v2 in kserve.py) ---------------------------------------
+
+def resolve_model(model: Any, families: dict[str, str], default_model: str) -> str:
+    """The served model a request names: `auto` or absent is the configured default. 404 if none."""
+    if model is None or model == AUTO:
+        model = default_model
+    if not isinstance(model, str):
+        raise invalid("model", f"model must be a string, got {model!r}")
+    if model not in families:
+        raise APIError(404, f"the model {model!r} does not exist; served models: {', '.join(sorted(families))} "
+                            f"(or {AUTO!r})", param="model", code="model_not_found")
+    return model
+
+
+def check_class_id(class_id: Any) -> int:
+    if not _is_int(class_id) or not 0 <= class_id <= NULL_CLASS:
+        raise invalid("class_id", f"class_id must be an integer in [0, {NULL_CLASS}] ({NULL_CLASS} = no class), "
+                                  f"got {class_id!r}; classes: {class_list()}")
+    return class_id
+
+
+def check_seed(seed: Any) -> int:
+    if not _is_int(seed) or not 0 <= seed <= MAX_SEED:
+        raise invalid("seed", f"seed must be an integer in [0, 2**64 - 1], got {seed!r}")
+    return seed
+
+
+def sampling_options(values: dict[str, Any], model: str, family: str) -> dict[str, Any]:
+    """GenerationJob's sampler, steps, guidance_scale and timeout_s from a request's sampler, steps,
+    guidance_scale (diffusion only) and latency_slo_ms, each checked; absent ones are None."""
     allowed = ITERATIVE_EXTRAS.get(family, ())
     for name in ("sampler", "steps", "guidance_scale"):
-        if body.get(name) is not None and name not in allowed:
+        if values.get(name) is not None and name not in allowed:
             takes = [f for f, extras in ITERATIVE_EXTRAS.items() if name in extras]
             raise invalid(name, f"{name} applies only to {' and '.join(takes)} models; {model!r} is a {family} "
                                 "model", "unsupported_parameter")
-    sampler, steps, guidance = body.get("sampler"), body.get("steps"), body.get("guidance_scale")
+    sampler, steps, guidance = values.get("sampler"), values.get("steps"), values.get("guidance_scale")
     if sampler is not None and sampler not in SAMPLERS:
         raise invalid("sampler", f"sampler must be one of {', '.join(SAMPLERS)}, got {sampler!r}")
     if steps is not None and (not _is_int(steps) or not 1 <= steps <= NUM_TRAIN_TIMESTEPS):
         raise invalid("steps", f"steps must be an integer in [1, {NUM_TRAIN_TIMESTEPS}], got {steps!r}")
     if guidance is not None and (not _is_number(guidance) or guidance < 0):
         raise invalid("guidance_scale", f"guidance_scale must be a finite number >= 0, got {guidance!r}")
-
-    slo = body.get("latency_slo_ms")
+    slo = values.get("latency_slo_ms")
     if slo is not None and (not _is_number(slo) or slo <= 0):
         raise invalid("latency_slo_ms", f"latency_slo_ms must be a number > 0, got {slo!r}")
-
-    job = GenerationJob(class_id=class_id, n=n, seed=seed, sampler=sampler, steps=steps,
-                        guidance_scale=None if guidance is None else float(guidance),
-                        timeout_s=None if slo is None else slo / 1000)
-    return ImageRequest(model, job, factor, None if class_id == NULL_CLASS else CLASS_NAMES[class_id])
+    return {"sampler": sampler, "steps": steps, "guidance_scale": None if guidance is None else float(guidance),
+            "timeout_s": None if slo is None else slo / 1000}
 
 
 def _parse_size(size: Any) -> int:
@@ -150,9 +177,8 @@ def _parse_size(size: Any) -> int:
 def _parse_class(prompt: Any, class_id: Any) -> int:
     if prompt is not None and not isinstance(prompt, str):
         raise invalid("prompt", f"prompt must be a string, got {prompt!r}")
-    if class_id is not None and (not _is_int(class_id) or not 0 <= class_id <= NULL_CLASS):
-        raise invalid("class_id", f"class_id must be an integer in [0, {NULL_CLASS}] ({NULL_CLASS} = no class), "
-                                  f"got {class_id!r}; classes: {class_list()}")
+    if class_id is not None:
+        check_class_id(class_id)
     try:
         from_prompt = class_from_prompt(prompt or "")
     except ValueError as exc:
@@ -182,7 +208,8 @@ def model_object(info: ModelInfo) -> dict[str, Any]:
     created = int(datetime.fromisoformat(info.created_at).timestamp())
     return {"id": info.name, "object": "model", "created": created, "owned_by": "genserve",
             "family": info.family, "version": info.version, "path": info.path, "provider": info.provider,
-            "threads": info.threads, "settings": info.settings}
+            "threads": info.threads, "settings": info.settings, "operations": list(info.operations),
+            "metrics": info.metrics, "latency": info.latency}
 
 
 def models_response(infos: list[ModelInfo]) -> dict[str, Any]:

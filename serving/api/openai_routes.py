@@ -6,13 +6,15 @@ import time
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
 
+from serving.api import openapi as schema
 from serving.api.http import current_ingress, decode_json
 from serving.api.openai import APIError, images_response, models_response, parse_image_request
 
 router = APIRouter()
 
 
-@router.post("/v1/images/generations")
+@router.post("/v1/images/generations", summary="Generate images (OpenAI Images API)",
+             **schema.describe(schema.ImageGenerationRequest, schema.ImagesResponse))
 async def generations(request: Request, ingress=Depends(current_ingress)) -> JSONResponse:
     start = time.perf_counter()
     req = parse_image_request(decode_json(await request.body()), ingress.families, ingress.default_model)
@@ -20,13 +22,14 @@ async def generations(request: Request, ingress=Depends(current_ingress)) -> JSO
     return JSONResponse(images_response(req, result, (time.perf_counter() - start) * 1000))
 
 
-@router.get("/v1/models")
+@router.get("/v1/models", summary="The served models: family, version, operations, quality, latency profile",
+            **schema.describe(None, schema.ModelList, 503))
 async def list_models(ingress=Depends(current_ingress)) -> JSONResponse:
     infos = await asyncio.gather(*(h.info.remote() for h in ingress.models.values()))
     return JSONResponse(models_response(list(infos)))
 
 
-@router.get("/v1/models/{model_id}")
+@router.get("/v1/models/{model_id}", summary="One served model", **schema.describe(None, schema.ModelObject, 404, 503))
 async def retrieve_model(model_id: str, ingress=Depends(current_ingress)) -> JSONResponse:
     if model_id not in ingress.models:
         raise APIError(404, f"the model {model_id!r} does not exist; served models: {', '.join(sorted(ingress.models))}",

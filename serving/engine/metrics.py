@@ -18,6 +18,7 @@ class EngineMetrics:
     rows: int = 0                       # rows in the last forward
     batch_occupancy: float = 0.0        # rows / max_rows of the last forward
     queue_length: int = 0               # requests waiting for room
+    rows_queued: int = 0                # rows those requests will take
     running: int = 0                    # requests in the batch
     steps_in_flight: int = 0            # steps the running requests still need
     steps_queued: int = 0               # steps the waiting requests will need
@@ -52,6 +53,7 @@ class EngineMetrics:
         self.running, self.queue_length = len(running), len(waiting)
         self.steps_in_flight = sum(s.steps_total - s.steps_done for s in running)
         self.steps_queued = sum(s.steps_total for s in waiting)
+        self.rows_queued = sum(s.rows for s in waiting)
         if not running:
             self.rows, self.batch_occupancy = 0, 0.0
 

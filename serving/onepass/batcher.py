@@ -25,6 +25,8 @@ from serving.config import OnePassConfig
 
 # Called with each input's rows for the whole batch (name -> [B, ...]); returns the outputs [B, ...].
 Forward = Callable[[dict[str, np.ndarray]], Awaitable[np.ndarray]]
+# Called as a job's last images come back: seconds it queued before its first batch, then until its outputs.
+JobTimes = Callable[[float, float], None]
 
 
 class BatchShapeError(RuntimeError):
@@ -37,6 +39,7 @@ class _Job:
     n: int
     future: asyncio.Future[np.ndarray]     # the waiter's; done early if it was cancelled or failed
     arrival: float                         # loop.time() at submit: max_wait_ms counts from here
+    started: float | None = None           # loop.time() when its first batch began
     taken: int = 0                         # images handed to batches so far
     finished: int = 0                      # images whose outputs came back
     out: np.ndarray | None = None          # [n, ...], allocated at the first output
@@ -54,15 +57,27 @@ class ImageBatcher:
     """submit() from any number of tasks on one event loop; the batching loop is a task of that loop,
     started by the first submit()."""
 
-    def __init__(self, forward: Forward, config: OnePassConfig | None = None):
+    def __init__(self, forward: Forward, config: OnePassConfig | None = None, on_job_done: JobTimes | None = None):
         self._forward = forward
+        self._on_job_done = on_job_done
         self.config = config or OnePassConfig()
         self.stats = BatcherStats()
         self._queue: deque[_Job] = deque()    # jobs with images not yet taken, in arrival order
         self._queued_images = 0               # images not yet taken, over the queue (incl. cancelled jobs)
         self._arrived = asyncio.Event()       # set on submit and reconfigure: the loop re-checks its trigger
         self._in_flight: list[_Job] = []      # jobs with images in the batch now running
+        self._in_flight_images = 0
         self._task: asyncio.Task | None = None
+
+    @property
+    def queued_images(self) -> int:
+        """Images waiting for a batch (the policy's view of this replica's load)."""
+        return self._queued_images
+
+    @property
+    def in_flight_images(self) -> int:
+        """Images in the forward now running."""
+        return self._in_flight_images
 
     def reconfigure(self, config: OnePassConfig) -> None:
         """Live: the next batch formed uses the new settings; the one in flight is not touched."""
@@ -154,6 +169,11 @@ class ImageBatcher:
         feeds = {name: np.concatenate([job.inputs[name][start:stop] for job, start, stop in pieces])
                  for name in pieces[0][0].inputs}  # name -> [size, ...]
         self._in_flight = [job for job, _, _ in pieces]
+        self._in_flight_images = size
+        loop = asyncio.get_running_loop()
+        for job in self._in_flight:
+            if job.started is None:
+                job.started = loop.time()
         try:
             out = await self._forward(feeds)
             if len(out) != size:
@@ -165,7 +185,7 @@ class ImageBatcher:
                     job.future.set_exception(exc)
             return
         finally:
-            self._in_flight = []
+            self._in_flight, self._in_flight_images = [], 0
         offset = 0
         for job, start, stop in pieces:
             k = stop - start
@@ -176,4 +196,6 @@ class ImageBatcher:
                 job.finished += k
                 if job.finished == job.n:
                     job.future.set_result(job.out)
+                    if self._on_job_done is not None:
+                        self._on_job_done(job.started - job.arrival, loop.time() - job.started)
             offset += k

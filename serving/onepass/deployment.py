@@ -1,20 +1,26 @@
 """The one-pass deployment (gan, vae, flow): one replica serves one model version, batching images across
-requests (serving.onepass.batcher) into forwards that run on a worker thread, off the event loop."""
+requests (serving.onepass.batcher) into forwards that run on a worker thread, off the event loop; and the
+family's own operations (vae: interpolate, reconstruct; flow: log_likelihood) on the same thread."""
 from __future__ import annotations
 
 import asyncio
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
+from functools import partial
 
 import numpy as np
 import ray
 from ray import serve
 
-from serving.api.jobs import GenerationJob, GenerationResult, ModelInfo
+from serving.api.jobs import (GenerationJob, GenerationResult, ImagesJob, InterpolationJob, LikelihoodResult,
+                              ModelInfo, ReconstructionResult)
 from serving.config import ONE_PASS_GRAPH, OnePassConfig
+from serving.observability import record_batch, record_request_times
 from serving.onepass.batcher import ImageBatcher
 from serving.onepass.inputs import draw_inputs, to_images
+from serving.operations import (FAMILY_OPERATIONS, OPERATION_GRAPHS, dequantize, lerp, reconstruction_mse, slerp,
+                                to_unit)
 from serving.runtime import load_model, threads_for
 
 
@@ -27,19 +33,22 @@ def replica_cpus() -> float | None:
                   max_ongoing_requests=256)  # requests wait in the batcher's queue, which batches them
 class OnePassDeployment:
     def __init__(self, store: str | None, ref: str):
-        """Runs once per replica: load ref from the store (hashes verified) and open its sampling graph."""
-        self.model = load_model(store, ref, ONE_PASS_GRAPH, threads=threads_for(replica_cpus()))
+        """Runs once per replica: load ref from the store (hashes verified) and open its sampling graph, and
+        the graphs of its family's operations (vae.encode, flow.log_prob)."""
+        self.model = load_model(store, ref, ONE_PASS_GRAPH, threads=threads_for(replica_cpus()),
+                                extra_graphs=OPERATION_GRAPHS)
         self.graph = self.model.graph
         # flow.sample takes z already scaled by the sampling temperature (its contract); gan/vae have none
         self.temperature = float(self.model.manifest.sampling.default.get("temperature", 1.0))
         self._executor = ThreadPoolExecutor(1, thread_name_prefix=f"genserve-{self.model.name}")
-        self.batcher = ImageBatcher(self._forward)
+        self.batcher = ImageBatcher(self._forward, on_job_done=partial(record_request_times, self.model.name))
 
     async def reconfigure(self, user_config: dict) -> None:
         """Runs at start and on every user_config change (serve deploy / serve.run with a new config)."""
         self.batcher.reconfigure(OnePassConfig.from_dict(user_config))
 
     async def _forward(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
+        record_batch(self.model.name, len(next(iter(feeds.values()))))
         return await asyncio.get_running_loop().run_in_executor(self._executor, self.graph.run, feeds)
 
     async def generate(self, job: GenerationJob) -> GenerationResult:
@@ -50,12 +59,68 @@ class OnePassDeployment:
         return GenerationResult(to_images(self.graph.contract, x), self.model.name, self.model.version,
                                 self.model.family, (time.perf_counter() - start) * 1000, settings)
 
+    # ---- the family's own operations: each raises ValueError (HTTP 400) on a family without it ----
+
+    async def interpolate(self, job: InterpolationJob) -> GenerationResult:
+        """vae: job.frames images decoded along the latent path between two seeds' prior draws (slerp; the
+        ends are the images those seeds generate with n = 1) or two images' posterior means (lerp)."""
+        start = time.perf_counter()
+        self._require("interpolate")
+        if job.seeds is not None:
+            a, b = (draw_inputs(self.graph.contract, job.class_id, 1, seed)["z"][0] for seed in job.seeds)
+            path, settings = slerp(a, b, job.frames), {"endpoints": "seeds", "path": "slerp"}
+        else:
+            mu = await self._encode(job.images, job.class_id)  # [2, latent]
+            path, settings = lerp(mu[0], mu[1], job.frames), {"endpoints": "images", "path": "lerp"}
+        x = await self.batcher.submit({"z": path, "y": np.full(job.frames, job.class_id, np.int64)})
+        return GenerationResult(to_images(self.graph.contract, x), self.model.name, self.model.version,
+                                self.model.family, (time.perf_counter() - start) * 1000, settings)
+
+    async def reconstruct(self, job: ImagesJob) -> ReconstructionResult:
+        """vae: decode(encode(x)) at the posterior mean, and its per-pixel MSE (the anomaly score)."""
+        start = time.perf_counter()
+        self._require("reconstruct")
+        mu = await self._encode(job.images, job.class_id)
+        x = await self.batcher.submit({"z": mu, "y": np.full(len(mu), job.class_id, np.int64)})  # [n, 1, 28, 28]
+        return ReconstructionResult(to_images(self.graph.contract, x), reconstruction_mse(job.images, x),
+                                    self.model.name, self.model.version, self.model.family,
+                                    (time.perf_counter() - start) * 1000)
+
+    async def log_likelihood(self, job: ImagesJob) -> LikelihoodResult:
+        """flow: bits/dim of each image from flow.log_prob on the image dequantized with job.seed's noise."""
+        start = time.perf_counter()
+        self._require("likelihood")
+        y = np.full(len(job.images), job.class_id, np.int64)
+        bits = await self._run("log_prob", {"x": dequantize(job.images, job.seed), "y": y})
+        return LikelihoodResult(bits.astype(np.float64), self.model.name, self.model.version, self.model.family,
+                                (time.perf_counter() - start) * 1000)
+
+    def _require(self, operation: str) -> None:
+        if operation not in FAMILY_OPERATIONS.get(self.model.family, ()):
+            can = [f for f, ops in FAMILY_OPERATIONS.items() if operation in ops]
+            raise ValueError(f"{self.model.name} is a {self.model.family} model; {operation} needs a "
+                             f"{' or '.join(can)} model")
+
+    async def _encode(self, images: np.ndarray, class_id: int) -> np.ndarray:
+        """vae.encode's posterior means [n, latent] of uint8 images [n, 28, 28]."""
+        return await self._run("encode", {"x": to_unit(images), "y": np.full(len(images), class_id, np.int64)})
+
+    async def _run(self, graph: str, feeds: dict[str, np.ndarray]) -> np.ndarray:
+        """An operation's graph (first output) on the forward thread, in chunks of at most max_batch_images
+        rows: these forwards queue with the sampling batches instead of competing with them for the CPU."""
+        session, loop = self.model.extra[graph], asyncio.get_running_loop()
+        n, size = len(next(iter(feeds.values()))), self.batcher.config.max_batch_images
+        chunks = [await loop.run_in_executor(self._executor, session.run, {k: v[i:i + size] for k, v in feeds.items()})
+                  for i in range(0, n, size)]
+        return np.concatenate(chunks)
+
     async def info(self) -> ModelInfo:
-        m = self.model.manifest
-        return ModelInfo(m.model, m.version, m.family, m.created_at, "one-pass", self.model.providers.providers[0],
-                         self.model.threads, asdict(self.batcher.config))
+        return ModelInfo.describe(self.model.manifest, path="one-pass", provider=self.model.providers.providers[0],
+                                  threads=self.model.threads, settings=asdict(self.batcher.config))
 
     async def stats(self) -> dict:
         s = self.batcher.stats
         return {"batches": s.batches, "images": s.images, "failed_batches": s.failed_batches,
-                "recent_batch_sizes": list(s.recent_batch_sizes)}
+                "recent_batch_sizes": list(s.recent_batch_sizes), "queued_images": self.batcher.queued_images,
+                "in_flight_images": self.batcher.in_flight_images,
+                "max_batch_images": self.batcher.config.max_batch_images}

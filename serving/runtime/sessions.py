@@ -1,21 +1,26 @@
 """A thin layer over exporters.runtime for serving: load `name@version|alias` from the store (hashes
-verified), open an ONNX Runtime session on the graph the model samples with, from the verified bytes,
-and feed it by contract.
+verified), open ONNX Runtime sessions on the graph the model samples with and on the graphs of its
+family's own operations (vae.encode, flow.log_prob) where asked, from the verified bytes, and feed them
+by contract.
 
-Imports numpy, onnxruntime, exporters and model_store only: never families/ or torch."""
+Imports numpy, onnxruntime, exporters, model_store and serving.observability (a no-op outside a Ray
+worker): never families/ or torch."""
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
-from dataclasses import dataclass
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 
 import numpy as np
 import onnxruntime as ort
 
 from exporters.contracts import GraphContract
 from exporters.runtime import ProviderChoice, choose_providers, make_session, tensorrt_provider_options
+from model_store.errors import IntegrityError
 from model_store.manifest import Manifest
 from model_store.store import ModelStore
+from serving.observability import record_model_load, record_verification_failure
 
 
 def threads_for(num_cpus: float | None) -> int:
@@ -50,6 +55,7 @@ class LoadedModel:
     graph: GraphSession
     providers: ProviderChoice              # what ONNX Runtime runs on, and why
     threads: int                           # intra-op threads of the session
+    extra: dict[str, GraphSession] = field(default_factory=dict)  # graph name -> session: operations' graphs
 
     @property
     def name(self) -> str:
@@ -65,18 +71,32 @@ class LoadedModel:
 
 
 def load_model(store: str | None, ref: str, graph_for: Mapping[str, str], *, threads: int = 1,
-               choice: ProviderChoice | None = None, max_batch: int = 64) -> LoadedModel:
+               extra_graphs: Mapping[str, Sequence[str]] | None = None, choice: ProviderChoice | None = None,
+               max_batch: int = 64) -> LoadedModel:
     """Load ref ("gan", "gan@3f2a…", "gan@stable") from the store at `store` (None: $GENSERVE_STORE, else
     ./model_store_data), verifying every file, and open a session on the graph graph_for[family] from the
-    verified bytes. max_batch bounds TensorRT's optimization profile (unused on CPU). Raises ValueError
-    for a family not in graph_for, model_store's NotFound / IntegrityError otherwise."""
-    loaded = ModelStore.open(store).load(ref)
+    verified bytes, and one on each graph of extra_graphs[family] (e.g. {"vae": ["encode"]}). max_batch
+    bounds TensorRT's optimization profile (unused on CPU). Raises ValueError for a family not in
+    graph_for, model_store's NotFound / IntegrityError otherwise."""
+    start = time.perf_counter()
+    try:
+        loaded = ModelStore.open(store).load(ref)
+    except IntegrityError:
+        record_verification_failure(ref.partition("@")[0])
+        raise
     family = loaded.manifest.family
     if family not in graph_for:
         raise ValueError(f"{ref} is a {family} model; this deployment serves {', '.join(graph_for)}")
-    contract = loaded.manifest.graph(graph_for[family])
     choice = choice or choose_providers()
-    options = ({"TensorrtExecutionProvider": tensorrt_provider_options(contract, max_batch=max_batch)}
-               if "TensorrtExecutionProvider" in choice.providers else None)
-    session = make_session(loaded.graph_bytes(contract.graph), threads=threads, choice=choice, provider_options=options)
-    return LoadedModel(loaded.manifest, GraphSession(session, contract), choice, threads)
+
+    def open_graph(name: str) -> GraphSession:
+        contract = loaded.manifest.graph(name)
+        options = ({"TensorrtExecutionProvider": tensorrt_provider_options(contract, max_batch=max_batch)}
+                   if "TensorrtExecutionProvider" in choice.providers else None)
+        session = make_session(loaded.graph_bytes(name), threads=threads, choice=choice, provider_options=options)
+        return GraphSession(session, contract)
+
+    graph = open_graph(graph_for[family])
+    extra = {name: open_graph(name) for name in (extra_graphs or {}).get(family, ())}
+    record_model_load(loaded.manifest.model, time.perf_counter() - start)
+    return LoadedModel(loaded.manifest, graph, choice, threads, extra)
