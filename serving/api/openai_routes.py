@@ -29,7 +29,8 @@ async def list_models(ingress=Depends(current_ingress)) -> JSONResponse:
     return JSONResponse(models_response(list(infos)))
 
 
-@router.get("/v1/models/{model_id}", summary="One served model", **schema.describe(None, schema.ModelObject, 404, 503))
+@router.get("/v1/models/{model_id}", summary="One served model",
+            **schema.describe(None, schema.ModelObject, 404, 503))
 async def retrieve_model(model_id: str, ingress=Depends(current_ingress)) -> JSONResponse:
     if model_id not in ingress.models:
         raise APIError(404, f"the model {model_id!r} does not exist; served models: {', '.join(sorted(ingress.models))}",

@@ -1,0 +1,251 @@
+"""The OpenAPI document the ingress serves at /openapi.json.
+
+The JSON routes read their raw bodies, so that each API answers malformed input in its own error shape
+(FastAPI's body validation would answer first, in its own). Their bodies are described here instead, as
+pydantic models used only for the schema: `describe(Request, Response)` gives a route decorator the
+request body (a reference into components.schemas, which `openapi_document` fills) and the responses.
+Each request model carries an example; tests/test_family_ops.py sends every example to the live server
+and checks the answer against the response schema, and that the document and the routes agree."""
+from __future__ import annotations
+
+import base64
+from typing import Annotated, Any, Literal
+
+import numpy as np
+from fastapi import FastAPI
+from fastapi.openapi.utils import get_openapi
+from pydantic import BaseModel, ConfigDict, Field
+from pydantic.json_schema import models_json_schema
+
+from serving.api.png import encode_png
+
+DESCRIPTION = ("Generative image models trained on Fashion-MNIST (GAN, VAE, flow, PixelCNN, diffusion): the OpenAI "
+               "Images API, KServe v2 under /v2, the families' own operations (latent interpolation, "
+               "reconstruction, exact likelihood) and a playground page at /.")
+_REQUEST_MODELS: list[type[BaseModel]] = []   # filled by describe(), rendered into components.schemas
+
+
+class Strict(BaseModel):
+    """A request body: unknown fields are a 400 (unknown_parameter)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+# ---- shared pieces ---------------------------------------------------------------------------------------
+
+class ErrorBody(BaseModel):
+    message: str
+    type: str = Field(description="invalid_request_error (4xx) | timeout_error | server_error")
+    param: str | None = Field(description="the request field at fault, where there is one")
+    code: str | None = Field(description="e.g. model_not_found, invalid_value, unknown_parameter, deadline_exceeded")
+
+
+class ErrorResponse(BaseModel):
+    """Every error outside /v2, with its HTTP status (KServe v2 routes answer {"error": message})."""
+
+    error: ErrorBody
+
+
+Pixel = Annotated[int, Field(ge=0, le=255)]
+Row = Annotated[list[Pixel], Field(min_length=28, max_length=28)]
+Image = Annotated[str | Annotated[list[Row], Field(min_length=28, max_length=28)], Field(
+    description="a 28x28 8-bit grayscale PNG as base64 (or a data:image/png;base64, URL), or 28 rows of 28 "
+                "integers 0..255")]
+ModelName = Annotated[str, Field(description="a served model, or 'auto' / absent: the first served model "
+                                             "that has the operation")]
+Prompt = Annotated[str, Field(description="a Fashion-MNIST class name (synonyms and plurals fine); the "
+                                          "condition. Absent with class_id: the unconditional model")]
+ClassId = Annotated[int, Field(ge=0, le=10, description="0..9, or 10 = no class (the unconditional model)")]
+Seed = Annotated[int, Field(ge=0, le=2**64 - 1)]
+
+
+class PNGImage(BaseModel):
+    b64_json: str = Field(description="a PNG, base64")
+
+
+class Served(BaseModel):
+    """What every model's answer says about who served it and how long it took."""
+
+    created: int
+    model: str
+    version: str
+    family: str
+    latency_ms: float = Field(description="at the ingress, from the request to the response")
+    replica_ms: float = Field(description="inside the model's replica")
+
+
+def _example_png() -> str:
+    """A bright square on black: what a client might upload."""
+    image = np.zeros((28, 28), np.uint8)
+    image[8:20, 8:20] = 200
+    return base64.b64encode(encode_png(image)).decode("ascii")
+
+
+# ---- OpenAI Images API -----------------------------------------------------------------------------------
+
+class ImageGenerationRequest(Strict):
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [
+        {"model": "gan", "prompt": "sneakers", "n": 2, "seed": 1}]})
+
+    model: str | None = Field(None, description="a served model, or 'auto' / absent")
+    prompt: str | None = Field(None, description="a Fashion-MNIST class name; empty: any class")
+    n: Annotated[int, Field(ge=1, le=16)] | None = 1
+    size: Annotated[str, Field(pattern=r"^\d+x\d+$", description="'28x28' or a multiple such as '56x56'")] | None = None
+    response_format: Literal["b64_json"] | None = None
+    output_format: Literal["png"] | None = None
+    class_id: ClassId | None = None
+    seed: Seed | None = Field(None, description="absent: drawn, and reported in the response")
+    sampler: Literal["ddim", "dpmpp_2m"] | None = Field(None, description="diffusion only")
+    steps: Annotated[int, Field(ge=1, le=1000)] | None = Field(None, description="diffusion only")
+    guidance_scale: Annotated[float, Field(ge=0)] | None = Field(None, description="diffusion only")
+    latency_slo_ms: Annotated[float, Field(gt=0)] | None = Field(None, description="answer within this, or 504")
+    user: Any = Field(None, description="accepted and ignored (OpenAI)")
+    quality: Any = Field(None, description="accepted and ignored (OpenAI)")
+    style: Any = Field(None, description="accepted and ignored (OpenAI)")
+    background: Any = Field(None, description="accepted and ignored (OpenAI)")
+    moderation: Any = Field(None, description="accepted and ignored (OpenAI)")
+
+
+class ImagesResponse(Served):
+    data: list[PNGImage]
+    class_id: int
+    class_name: str | None
+    seed: int
+    settings: dict[str, Any] = Field(description="the sampling settings used")
+
+
+class ModelObject(BaseModel):
+    id: str
+    object: Literal["model"]
+    created: int
+    owned_by: str
+    family: str
+    version: str
+    path: Literal["one-pass", "iterative"]
+    provider: str = Field(description="ONNX Runtime's execution provider")
+    threads: int
+    settings: dict[str, Any] = Field(description="the deployment's live user_config")
+    operations: list[str] = Field(description="generate, and the family's own: interpolate, reconstruct (vae), "
+                                              "likelihood (flow, pixelcnn)")
+    metrics: dict[str, Any] = Field(description="quality from `genserve evaluate`: fd, class_accuracy, precision, "
+                                                "recall, diversity_ratio, bits_per_dim / elbo_bits_per_dim, ...")
+    latency: dict[str, Any] | None = Field(description="the latency profile measured at publish: ms_per_forward "
+                                                       "(graph -> batch -> ms), machine, provider, threads")
+
+
+class ModelList(BaseModel):
+    object: Literal["list"]
+    data: list[ModelObject]
+
+
+# ---- the families' own operations ------------------------------------------------------------------------
+
+class InterpolationRequest(Strict):
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [
+        {"model": "vae", "seeds": [1, 2], "frames": 6, "prompt": "sneaker"}]})
+
+    model: ModelName | None = None
+    seeds: Annotated[list[Seed], Field(min_length=2, max_length=2)] | None = Field(
+        None, description="the ends: these seeds' prior latents (the images they generate with n = 1); slerp")
+    images: Annotated[list[Image], Field(min_length=2, max_length=2)] | None = Field(
+        None, description="or the ends: these images' encodings; lerp")
+    frames: Annotated[int, Field(ge=2, le=32)] = Field(8, description="images on the path, ends included")
+    prompt: Prompt | None = None
+    class_id: ClassId | None = None
+
+
+class InterpolationResponse(Served):
+    data: list[PNGImage]
+    class_id: int
+    class_name: str | None
+    settings: dict[str, Any] = Field(description="endpoints: seeds | images; path: slerp | lerp")
+
+
+class ReconstructionRequest(Strict):
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [
+        {"model": "vae", "images": [_example_png()]}]})
+
+    model: ModelName | None = None
+    images: Annotated[list[Image], Field(min_length=1, max_length=64)]
+    prompt: Prompt | None = None
+    class_id: ClassId | None = None
+
+
+class Reconstruction(PNGImage):
+    reconstruction_mse: float = Field(description="mean squared error per pixel on the [0, 1] scale: the "
+                                                  "anomaly score, higher is more unusual")
+
+
+class ReconstructionResponse(Served):
+    data: list[Reconstruction]
+    class_id: int
+    class_name: str | None
+
+
+class LikelihoodRequest(Strict):
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [
+        {"model": "flow", "images": [_example_png()]}]})
+
+    model: ModelName | None = None
+    images: Annotated[list[Image], Field(min_length=1, max_length=64)]
+    prompt: Prompt | None = None
+    class_id: ClassId | None = None
+    seed: Seed = Field(0, description="flow only: its dequantization noise")
+
+
+class Likelihood(BaseModel):
+    bits_per_dim: float = Field(description="-log2 p(x | class) / 784: exact (pixelcnn), or a one-sample "
+                                            "dequantized estimate (flow)")
+    complexity_bits_per_dim: float = Field(description="the image's zlib-compressed size in bits per pixel")
+    anomaly_score: float = Field(description="bits_per_dim - complexity_bits_per_dim (Serrà et al. 2020): "
+                                             "higher is more unusual")
+
+
+class LikelihoodResponse(Served):
+    data: list[Likelihood]
+    class_id: int
+    class_name: str | None
+    seed: int | None = Field(None, description="flow only: the dequantization noise used")
+
+
+# ---- wiring ------------------------------------------------------------------------------------------------
+
+_ERRORS = {400: "invalid request", 404: "unknown model", 503: "overloaded or cancelled (Retry-After)",
+           504: "deadline exceeded"}
+
+
+def describe(request: type[BaseModel] | None, response: type[BaseModel], *errors: int) -> dict[str, Any]:
+    """Route decorator arguments: `request` as the JSON body, `response` for 200, and ErrorResponse for
+    each status in errors (default: 400, 404, 503, 504)."""
+    kwargs: dict[str, Any] = {"responses": {200: {"model": response}, **{
+        status: {"model": ErrorResponse, "description": _ERRORS.get(status, "error")}
+        for status in errors or tuple(_ERRORS)}}}
+    if request is not None:
+        _REQUEST_MODELS.append(request)
+        kwargs["openapi_extra"] = {"requestBody": {"required": True, "content": {"application/json": {
+            "schema": {"$ref": f"#/components/schemas/{request.__name__}"}}}}}
+    return kwargs
+
+
+def openapi_document(app: FastAPI) -> dict[str, Any]:
+    """FastAPI's document for the app's routes, plus the request bodies' schemas, less what this app never
+    answers: FastAPI's 422 (its validation errors are answered as 400 here)."""
+    if app.openapi_schema is None:
+        doc = get_openapi(title=app.title, version=app.version, description=DESCRIPTION, routes=app.routes)
+        _, defs = models_json_schema([(m, "validation") for m in _REQUEST_MODELS],
+                                     ref_template="#/components/schemas/{model}")
+        schemas = doc.setdefault("components", {}).setdefault("schemas", {})
+        schemas.update(defs.get("$defs", {}))
+        for operations in doc["paths"].values():
+            for operation in operations.values():
+                if operation.get("responses", {}).pop("422", None) is not None:
+                    operation["responses"].setdefault("400", {
+                        "description": "invalid request",
+                        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}}})
+        for unused in ("HTTPValidationError", "ValidationError"):
+            schemas.pop(unused, None)
+        schemas.setdefault("ErrorResponse", ErrorResponse.model_json_schema(
+            ref_template="#/components/schemas/{model}"))
+        schemas.setdefault("ErrorBody", ErrorBody.model_json_schema())
+        app.openapi_schema = doc
+    return app.openapi_schema
