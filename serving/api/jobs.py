@@ -23,6 +23,18 @@ class GenerationJob:
     timeout_s: float | None = None       # latency SLO from arrival at the replica; None = no deadline there
 
 
+@dataclass(frozen=True)
+class PolicyHints:
+    """What a request asks of the latency/quality policy beyond its job: OpenAI body extras, KServe
+    parameters. The SLO itself is the job's timeout_s."""
+
+    tier: str | None = None                 # draft | standard | best (serving.policy.TIERS)
+    max_fd: float | None = None             # an explicit quality floor, with or instead of the tier
+    min_class_accuracy: float | None = None
+    goal: str = "sample"                    # sample | likelihood (flow, pixelcnn) | latent (vae)
+    best_effort: bool = False               # nothing fits the SLO: the fastest candidate rather than a 429
+
+
 @dataclass
 class GenerationResult:
     images: np.ndarray          # uint8 [n, 28, 28]
@@ -31,6 +43,7 @@ class GenerationResult:
     family: str
     replica_ms: float           # from the job reaching the replica to its images being ready
     settings: dict              # the sampling settings used (e.g. sampler, steps, guidance_scale, temperature)
+    policy: dict | None = None  # the ingress's account of the policy's choice (serving.api.admission)
 
 
 @dataclass(frozen=True)

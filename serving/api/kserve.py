@@ -1,0 +1,316 @@
+"""KServe v2 / Open Inference Protocol: the half HTTP (kserve_http.py) and gRPC (kserve_grpc.py) share. Each
+transport only moves bytes: it decodes its tensors with `decode_input`, and answers with the dicts (KServe's
+and Triton's JSON shapes) and InferResult that `OpenInference` returns; gRPC converts those dicts to its
+messages field for field. No Ray import: the model deployments are reached through the ingress.
+
+Every served model, and `auto`, is a v2 model:
+
+    inputs   class_id  INT64 [-1]         0..9, 10 = no class; one image per element (1..16)
+             seed      INT64 [-1]         optional, one per image: image i depends only on class_id[i],
+                                          seed[i] and the parameters. Absent: the server draws S, image i
+                                          uses S + i, and the response's parameter `seed` is S.
+    outputs  image     UINT8 [-1,28,28]
+    request parameters: sampler, steps, guidance_scale (diffusion), latency_slo_ms, quality (auto only), and
+             Triton's timeout (microseconds, 0 = none); the tighter of latency_slo_ms and timeout is the
+             request's deadline.
+
+Errors are serving.api.openai.APIError (status + message), which each transport renders in its own shape.
+"""
+from __future__ import annotations
+
+import asyncio
+import math
+import secrets
+import time
+from collections import defaultdict
+from dataclasses import asdict, dataclass, field
+from importlib.metadata import version as package_version
+from typing import Any
+
+import numpy as np
+
+from exporters.contracts import IMAGE_SHAPE
+from serving.api.jobs import GenerationJob, GenerationResult, ModelInfo
+from serving.api.openai import (AUTO, MAX_N, APIError, check_class_id, check_seed, resolve_model,
+                                sampling_options)
+from serving.policy.candidates import TIERS
+
+SERVER_NAME = "genserve"
+PLATFORM = "genserve"        # a v2 model here is a genserve sampling path, not one graph
+BACKEND = "onnxruntime"      # what runs every graph
+# Only what is implemented: binary tensors (HTTP), request/response parameters, Triton's /config and /stats
+EXTENSIONS = ("binary_tensor_data", "parameters", "model_configuration", "statistics")
+READY_TIMEOUT_S = 5.0        # a model deployment that does not answer info() within this is not ready
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    datatype: str            # the v2 name: INT64, UINT8, ...
+    shape: tuple[int, ...]   # -1: any size
+    optional: bool = False
+
+
+CLASS_ID, SEED, IMAGE = "class_id", "seed", "image"
+INPUTS = {CLASS_ID: TensorSpec(CLASS_ID, "INT64", (-1,)), SEED: TensorSpec(SEED, "INT64", (-1,), optional=True)}
+OUTPUTS = {IMAGE: TensorSpec(IMAGE, "UINT8", (-1, *IMAGE_SHAPE[1:]))}
+PARAMETERS = ("sampler", "steps", "guidance_scale", "latency_slo_ms", "quality", "timeout")
+_BYTES = {"INT64": 8}        # bytes per element of the input datatypes
+
+
+def not_found(message: str) -> APIError:
+    return APIError(404, message, code="model_not_found")
+
+
+def invalid(message: str) -> APIError:
+    return APIError(400, message)
+
+
+# ---- request decoding ------------------------------------------------------------------------------------
+
+def decode_input(name: Any, datatype: Any, shape: Any, data: Any) -> tuple[str, list[int]]:
+    """One input tensor, as (name, flat values). `data` is raw little-endian bytes (HTTP's binary extension,
+    gRPC's raw_input_contents) or a list of numbers, possibly nested (JSON `data`, gRPC typed contents)."""
+    spec = INPUTS.get(name)
+    if spec is None:
+        raise invalid(f"unknown input {name!r}; inputs: {_tensor_list(INPUTS)}")
+    if datatype != spec.datatype:
+        raise invalid(f"input {name!r} must be {spec.datatype}, got {datatype!r}")
+    if (not isinstance(shape, (list, tuple)) or len(shape) != 1 or not _is_int(shape[0])
+            or not 1 <= shape[0] <= MAX_N):
+        raise invalid(f"input {name!r} must have shape [n] with 1 <= n <= {MAX_N} (one element per image), "
+                      f"got {list(shape) if isinstance(shape, (list, tuple)) else shape!r}")
+    n = int(shape[0])
+    if isinstance(data, (bytes, bytearray, memoryview)):
+        if len(data) != n * _BYTES[datatype]:
+            raise invalid(f"input {name!r}: shape {[n]} {datatype} takes {n * _BYTES[datatype]} bytes, "
+                          f"got {len(data)}")
+        return name, np.frombuffer(data, "<i8").tolist()
+    values = list(_flatten(data)) if isinstance(data, (list, tuple)) else None
+    if values is None or not all(_is_int(v) and -2**63 <= v < 2**63 for v in values):
+        raise invalid(f"input {name!r}: data must be a list of {datatype} integers")
+    if len(values) != n:
+        raise invalid(f"input {name!r}: shape {[n]} needs {n} values, got {len(values)}")
+    return name, values
+
+
+@dataclass(frozen=True)
+class InferRequest:
+    """A validated v2 inference request."""
+
+    name: str                          # the model as asked for: a served model or "auto"
+    model: str                         # the served model that generates (auto resolved)
+    version: str                       # "": whatever version is served
+    id: str                            # echoed in the response
+    jobs: tuple[GenerationJob, ...]    # one per image, n=1 each: image i depends on nothing but its own row
+    drawn_seed: int | None             # the seed of image 0 when the request gave none (image i: drawn_seed + i)
+    quality: str | None                # the tier `auto` is to meet: for the policy, once it is wired in
+
+
+def parse_infer(name: str, version: str, request_id: str, inputs: list[tuple[str, list[int]]],
+                parameters: dict[str, Any], outputs: list[str], families: dict[str, str],
+                default_model: str) -> InferRequest:
+    """Check a decoded request against the served models (name -> family). Raises APIError: 404 for an
+    unknown model, 400 for anything else wrong, with a message naming the input or parameter. The version is
+    checked against the served one by OpenInference.infer."""
+    model = resolve_model(name, families, default_model)
+    tensors = dict(inputs)
+    if len(tensors) != len(inputs):
+        raise invalid("each input may appear once")
+    if CLASS_ID not in tensors:
+        raise invalid(f"input {CLASS_ID!r} is required; inputs: {_tensor_list(INPUTS)}")
+    for output in outputs:
+        if output not in OUTPUTS:
+            raise invalid(f"unknown output {output!r}; outputs: {_tensor_list(OUTPUTS)}")
+    if unknown := sorted(set(parameters) - set(PARAMETERS)):
+        raise invalid(f"unknown parameter {unknown[0]!r}; parameters: {', '.join(PARAMETERS)}")
+
+    class_ids = [check_class_id(c) for c in tensors[CLASS_ID]]
+    seeds, drawn = tensors.get(SEED), None
+    if seeds is None:
+        drawn = secrets.randbits(32)  # reported in the response, so every image can be made again
+        seeds = [drawn + i for i in range(len(class_ids))]
+    elif len(seeds) != len(class_ids):
+        raise invalid(f"input {SEED!r} must have the shape of {CLASS_ID!r}: one seed per image, "
+                      f"got {len(seeds)} for {len(class_ids)}")
+    options = sampling_options(parameters, model, families[model])
+    timeout_us = parameters.get("timeout")
+    if timeout_us is not None and (not _is_int(timeout_us) or timeout_us < 0):
+        raise invalid(f"timeout (microseconds, 0 = none) must be an integer >= 0, got {timeout_us!r}")
+    if timeout_us:
+        options["timeout_s"] = min(timeout_us / 1e6, options["timeout_s"] or math.inf)
+    quality = parameters.get("quality")
+    if quality is not None and name != AUTO:
+        raise invalid(f"quality applies to model {AUTO!r} only; {name!r} is served as it is")
+    if quality is not None and quality not in TIERS:
+        raise invalid(f"quality must be one of {', '.join(TIERS)}, got {quality!r}")
+    jobs = tuple(GenerationJob(class_id=c, n=1, seed=check_seed(s), **options) for c, s in zip(class_ids, seeds))
+    return InferRequest(name, model, version, request_id, jobs, drawn, quality)
+
+
+# ---- the protocol's operations -----------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class InferResult:
+    name: str                 # the model that generated (a request for auto learns which)
+    version: str
+    id: str
+    images: np.ndarray        # uint8 [n, 28, 28]
+    parameters: dict          # family, the sampling settings used, and the drawn seed if any
+
+
+@dataclass
+class Duration:
+    count: int = 0
+    ns: int = 0
+
+    def add(self, ns: int) -> None:
+        self.count += 1
+        self.ns += ns
+
+
+@dataclass
+class ModelStats:
+    """Triton's per-model statistics, of the v2 requests this ingress replica served."""
+
+    success: Duration = field(default_factory=Duration)   # end to end at the ingress
+    fail: Duration = field(default_factory=Duration)
+    compute: Duration = field(default_factory=Duration)   # at the model's replica
+    inference_count: int = 0                              # images
+    execution_count: int = 0                              # requests
+    last_inference_ms: int = 0                            # ms since the epoch
+
+
+class OpenInference:
+    """The v2 operations over the ingress's models; one per Ingress replica (it keeps the statistics).
+    `ingress` gives models (name -> handle), families, default_model and generate_with()."""
+
+    def __init__(self, ingress):
+        self.ingress = ingress
+        self.stats: dict[str, ModelStats] = defaultdict(ModelStats)
+
+    def server_metadata(self) -> dict[str, Any]:
+        return {"name": SERVER_NAME, "version": package_version("genserve"), "extensions": list(EXTENSIONS)}
+
+    async def server_ready(self) -> bool:
+        try:
+            await asyncio.wait_for(asyncio.gather(*(h.info.remote() for h in self.ingress.models.values())),
+                                   READY_TIMEOUT_S)
+            return True
+        except Exception:  # a replica that is starting, failing or gone: not ready, and not an error
+            return False
+
+    async def model_ready(self, name: str, version: str) -> bool:
+        model = self._model(name)
+        try:
+            info = await asyncio.wait_for(self.ingress.models[model].info.remote(), READY_TIMEOUT_S)
+        except Exception:
+            return False
+        self._check_version(name, version, info)
+        return True
+
+    async def model_metadata(self, name: str, version: str) -> dict[str, Any]:
+        info = await self._info(name, version)
+        return {"name": name, "versions": [] if name == AUTO else [info.version], "platform": PLATFORM,
+                "inputs": [_tensor_metadata(t) for t in INPUTS.values()],
+                "outputs": [_tensor_metadata(t) for t in OUTPUTS.values()]}
+
+    async def model_config(self, name: str, version: str) -> dict[str, Any]:
+        """Triton's model configuration. max_batch_size 0: the dims are the full shapes (images per request
+        are the length of class_id, up to MAX_N; batching across requests happens in the deployments)."""
+        await self._info(name, version)
+        return {"name": name, "platform": PLATFORM, "backend": BACKEND, "max_batch_size": 0,
+                "input": [{"name": t.name, "data_type": f"TYPE_{t.datatype}", "dims": list(t.shape),
+                           "optional": t.optional} for t in INPUTS.values()],
+                "output": [{"name": t.name, "data_type": f"TYPE_{t.datatype}", "dims": list(t.shape)}
+                           for t in OUTPUTS.values()]}
+
+    async def model_statistics(self, name: str, version: str) -> dict[str, Any]:
+        """Triton's statistics of one model ("" = every model). `auto`'s requests count under the model that
+        served them."""
+        if name:
+            infos = [await self._info(name, version)]
+        else:
+            infos = await asyncio.gather(*(h.info.remote() for h in self.ingress.models.values()))
+        return {"model_stats": [_statistics(info, self.stats[info.name]) for info in infos]}
+
+    async def infer(self, req: InferRequest) -> InferResult:
+        if req.version:
+            await self._info(req.name, req.version)
+        start = time.perf_counter_ns()
+        stats = self.stats[req.model]
+        try:
+            results = await _all(self.ingress.generate_with(req.model, job) for job in req.jobs)
+        except BaseException:
+            stats.fail.add(time.perf_counter_ns() - start)
+            raise
+        stats.success.add(time.perf_counter_ns() - start)
+        stats.compute.add(int(max(r.replica_ms for r in results) * 1e6))  # the rows ran concurrently
+        stats.inference_count += len(results)
+        stats.execution_count += 1
+        stats.last_inference_ms = int(time.time() * 1000)
+        first = results[0]
+        parameters = {"family": first.family, **first.settings}
+        if req.drawn_seed is not None:
+            parameters["seed"] = req.drawn_seed
+        return InferResult(first.model, first.version, req.id, np.concatenate([r.images for r in results]),
+                           parameters)
+
+    def _model(self, name: str) -> str:
+        return resolve_model(name, self.ingress.families, self.ingress.default_model)
+
+    async def _info(self, name: str, version: str) -> ModelInfo:
+        info = await self.ingress.models[self._model(name)].info.remote()
+        self._check_version(name, version, info)
+        return info
+
+    @staticmethod
+    def _check_version(name: str, version: str, info: ModelInfo) -> None:
+        if version and name == AUTO:
+            raise not_found(f"model {AUTO!r} has no versions: it routes to a served model")
+        if version and version != info.version:
+            raise not_found(f"model {name!r} has no version {version!r}; it serves version {info.version!r}")
+
+
+async def _all(calls) -> list[GenerationResult]:
+    """Run the calls concurrently, in order; the first failure cancels the rest (which frees their slots in
+    the models' batches) and is raised."""
+    tasks = [asyncio.ensure_future(c) for c in calls]
+    try:
+        return await asyncio.gather(*tasks)
+    except BaseException:
+        for t in tasks:
+            t.cancel()
+        raise
+
+
+def _statistics(info: ModelInfo, s: ModelStats) -> dict[str, Any]:
+    """Triton's ModelStatistics; what genserve does not measure (queue, input/output conversion) is zero."""
+    zero = asdict(Duration())
+    return {"name": info.name, "version": info.version, "last_inference": s.last_inference_ms,
+            "inference_count": s.inference_count, "execution_count": s.execution_count,
+            "inference_stats": {"success": asdict(s.success), "fail": asdict(s.fail), "queue": zero,
+                                "compute_input": zero, "compute_infer": asdict(s.compute),
+                                "compute_output": zero, "cache_hit": zero, "cache_miss": zero},
+            "batch_stats": []}
+
+
+def _tensor_metadata(t: TensorSpec) -> dict[str, Any]:
+    return {"name": t.name, "datatype": t.datatype, "shape": list(t.shape)}
+
+
+def _tensor_list(specs: dict[str, TensorSpec]) -> str:
+    return ", ".join(f"{t.name} {t.datatype} {list(t.shape)}{' (optional)' if t.optional else ''}"
+                     for t in specs.values())
+
+
+def _flatten(data: list | tuple):
+    for v in data:
+        if isinstance(v, (list, tuple)):
+            yield from _flatten(v)
+        else:
+            yield v
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))

@@ -1,0 +1,137 @@
+"""KServe v2 / Open Inference Protocol over gRPC: the inference.GRPCInferenceService methods of
+serving/api/protos/open_inference.proto, as methods of the ingress (Ingress inherits GRPCInferenceService).
+
+Ray Serve's gRPC proxy (grpc_options in deploy/serve_config.yaml registers the generated
+add_GRPCInferenceServiceServicer_to_server) calls the ingress method named after the RPC with the request
+message and a `grpc_context`. An error is a status code and a message set on grpc_context with an empty
+response returned: INVALID_ARGUMENT, NOT_FOUND, RESOURCE_EXHAUSTED (a model at capacity), UNAVAILABLE,
+DEADLINE_EXCEEDED; INTERNAL only for a bug, and never with a traceback.
+
+Deadlines: Serve's proxy does not pass the client's deadline on (its grpc_context carries no time
+remaining), but when the deadline passes, gRPC cancels the call in the proxy, and Serve cancels the ingress
+call and, through it, the model call: the request leaves the model's batch then. A deadline the model should
+plan for goes in the parameters latency_slo_ms (or Triton's timeout, in microseconds).
+
+The generated messages are imported on first use, not with this module: the ingress module is imported by
+drivers that may also load Triton's or KServe's own generated `inference` package (tritonclient does), and
+a protobuf descriptor pool refuses a second file defining the same names."""
+import functools
+import logging
+
+import grpc
+from google.protobuf import json_format
+
+from serving.api.kserve import IMAGE, OUTPUTS, decode_input, parse_infer
+from serving.api.openai import APIError, resolve_model
+
+logger = logging.getLogger("ray.serve")
+
+
+@functools.cache
+def _pb():
+    from serving.api.protos import open_inference_pb2
+    return open_inference_pb2
+
+
+def status_code(err: APIError) -> grpc.StatusCode:
+    """The gRPC status of an API error (its HTTP status and code)."""
+    if err.code == "overloaded" or err.status == 429:
+        return grpc.StatusCode.RESOURCE_EXHAUSTED
+    return {400: grpc.StatusCode.INVALID_ARGUMENT, 404: grpc.StatusCode.NOT_FOUND,
+            503: grpc.StatusCode.UNAVAILABLE, 504: grpc.StatusCode.DEADLINE_EXCEEDED}.get(
+        err.status, grpc.StatusCode.INTERNAL)
+
+
+def parameter_value(p) -> object:
+    """An InferParameter's value (bool, int, str or float), None when unset."""
+    kind = p.WhichOneof("parameter_choice")
+    return None if kind is None else getattr(p, kind)
+
+
+def set_parameter(p, value: object) -> None:
+    if isinstance(value, bool):
+        p.bool_param = value
+    elif isinstance(value, int):
+        p.int64_param = value
+    elif isinstance(value, float):
+        p.double_param = value
+    else:
+        p.string_param = str(value)
+
+
+def _answers(response: str):
+    """Decorate an RPC method: its APIError becomes a status on grpc_context (with an empty `response`
+    message), and so does anything unexpected, as INTERNAL with the exception's type only."""
+    def decorate(method):
+        async def rpc(self, request, grpc_context):
+            try:
+                return await method(self, request)
+            except APIError as err:
+                grpc_context.set_code(status_code(err))
+                grpc_context.set_details(err.message)
+            except Exception as exc:
+                logger.exception("genserve ingress: %s failed", method.__name__)
+                grpc_context.set_code(grpc.StatusCode.INTERNAL)
+                grpc_context.set_details(f"internal error: {type(exc).__name__}")
+            return getattr(_pb(), response)()
+        # not functools.wraps: Serve looks for `grpc_context` in the signature, which wraps would hide
+        rpc.__name__, rpc.__qualname__, rpc.__doc__ = method.__name__, method.__qualname__, method.__doc__
+        return rpc
+    return decorate
+
+
+class GRPCInferenceService:
+    """The RPCs, over the ingress's `v2` (serving.api.kserve.OpenInference)."""
+
+    @_answers("ServerLiveResponse")
+    async def ServerLive(self, request):
+        return _pb().ServerLiveResponse(live=True)
+
+    @_answers("ServerReadyResponse")
+    async def ServerReady(self, request):
+        return _pb().ServerReadyResponse(ready=await self.v2.server_ready())
+
+    @_answers("ModelReadyResponse")
+    async def ModelReady(self, request):
+        return _pb().ModelReadyResponse(ready=await self.v2.model_ready(request.name, request.version))
+
+    @_answers("ServerMetadataResponse")
+    async def ServerMetadata(self, request):
+        return json_format.ParseDict(self.v2.server_metadata(), _pb().ServerMetadataResponse())
+
+    @_answers("ModelMetadataResponse")
+    async def ModelMetadata(self, request):
+        metadata = await self.v2.model_metadata(request.name, request.version)
+        return json_format.ParseDict(metadata, _pb().ModelMetadataResponse())
+
+    @_answers("ModelConfigResponse")
+    async def ModelConfig(self, request):
+        config = await self.v2.model_config(request.name, request.version)
+        return _pb().ModelConfigResponse(config=json_format.ParseDict(config, _pb().ModelConfig()))
+
+    @_answers("ModelStatisticsResponse")
+    async def ModelStatistics(self, request):
+        stats = await self.v2.model_statistics(request.name, request.version)
+        # the proto declares only the statistics genserve measures
+        return json_format.ParseDict(stats, _pb().ModelStatisticsResponse(), ignore_unknown_fields=True)
+
+    @_answers("ModelInferResponse")
+    async def ModelInfer(self, request):
+        resolve_model(request.model_name, self.families, self.default_model)  # unknown: 404 before input checks
+        raw = request.raw_input_contents
+        if raw and len(raw) != len(request.inputs):
+            raise APIError(400, f"raw_input_contents must hold one entry per input ({len(request.inputs)}), "
+                                f"got {len(raw)}")
+        inputs = [decode_input(t.name, t.datatype, list(t.shape), raw[i] if raw else list(t.contents.int64_contents))
+                  for i, t in enumerate(request.inputs)]
+        parameters = {k: parameter_value(v) for k, v in request.parameters.items()}
+        req = parse_infer(request.model_name, request.model_version, request.id, inputs, parameters,
+                          [o.name for o in request.outputs], self.families, self.default_model)
+        result = await self.v2.infer(req)
+
+        response = _pb().ModelInferResponse(model_name=result.name, model_version=result.version, id=result.id)
+        for key, value in result.parameters.items():
+            set_parameter(response.parameters[key], value)
+        response.outputs.add(name=IMAGE, datatype=OUTPUTS[IMAGE].datatype, shape=result.images.shape)
+        response.raw_output_contents.append(result.images.tobytes())  # raw, as Triton answers
+        return response
