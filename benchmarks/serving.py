@@ -70,7 +70,7 @@ def genserve_app(name: str, prefix: str, store: str, model: str, batching: str) 
     app = dict(load_config()["applications"][0])
     config = {d["name"]: d.get("user_config") for d in app["deployments"]}
     app.update(name=name, route_prefix=prefix,
-               args={**app["args"], "store": store, "models": [f"{model}@latest"], "default_model": model,
+               args={**app["args"], "store": store, "models": [f"{model}@latest"],
                      "batching": batching},
                deployments=[_deployment("Ingress", 0), _deployment(model, 1, config[model])])
     return app

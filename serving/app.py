@@ -1,7 +1,7 @@
 """The genserve Ray Serve application, built from ONE Serve config file (deploy/serve_config.yaml):
 
     applications[genserve].import_path = serving.app:build_app   # this module's app builder
-    applications[genserve].args        = AppArgs: store, models, default_model
+    applications[genserve].args        = AppArgs: store, models, ingress_timeout_s, batching
     applications[genserve].deployments = Ingress + one per model, named after it, with user_config
 
 `serve run deploy/serve_config.yaml`, `serve deploy deploy/serve_config.yaml`, `genserve up` and KubeRay's
@@ -123,10 +123,12 @@ def build_app(args: dict[str, Any]) -> Application:
 
     cfg = AppArgs.from_dict(args)
     store = ModelStore.open(cfg.store)
-    handles, families = {}, {}
+    handles, manifests = {}, {}
     for entry in cfg.models:
         try:
-            family = store.manifest(entry.ref).family  # unverified, to pick the path; the replica verifies
+            # unverified, to pick the path and feed the policy (quality, latency profile); the replica verifies
+            manifest = store.manifest(entry.ref)
+            family = manifest.family
         except StoreError as exc:
             raise ValueError(f"cannot serve {entry.name!r} ({entry.ref}) from store {store.uri}: {exc}; "
                              "run `genserve build` to publish the shipped checkpoints") from None
@@ -137,8 +139,8 @@ def build_app(args: dict[str, Any]) -> Application:
         else:
             raise ValueError(f"{entry.ref} is a {family!r} model, which genserve does not serve")
         handles[entry.name] = deployment.options(name=entry.name).bind(store.uri, entry.ref)
-        families[entry.name] = family
-    return Ingress.options(name=INGRESS).bind(handles, families, cfg.default, cfg.ingress_timeout_s)
+        manifests[entry.name] = manifest
+    return Ingress.options(name=INGRESS).bind(handles, manifests, cfg.ingress_timeout_s)
 
 
 # ---- running the config file: `genserve up` and the tests ------------------------------------------------
@@ -171,8 +173,6 @@ def serve_only_what_the_store_has(config: dict[str, Any], store_uri: str | None 
                 dropped.append(ref)
                 app["deployments"] = [d for d in app.get("deployments", []) if d.get("name") != name]
         args["models"] = kept
-        if args.get("default_model") not in {(v.partition("@")[0] if isinstance(v, str) else v.get("name")) for v in kept}:
-            args.pop("default_model", None)
     return config, dropped
 
 

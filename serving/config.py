@@ -97,7 +97,6 @@ class AppArgs:
     # The store: a local path or file:// URI; None means $GENSERVE_STORE, else ./model_store_data
     # (relative to the working directory Ray runs replicas in: give an absolute path for `serve deploy`).
     store: str | None = None
-    default_model: str | None = None     # what `model` absent or "auto" means until the policy exists
     ingress_timeout_s: float = 120.0     # a request with no latency_slo_ms gives up after this (HTTP 504)
     # "step": genserve's paths (image-count batching, the step engine); "request": the plain @serve.batch
     # baseline over whole requests (serving/request_batching.py), for the benchmarks
@@ -109,21 +108,15 @@ class AppArgs:
         names = [m.name for m in self.models]
         if dupes := sorted({n for n in names if names.count(n) > 1}):
             raise ValueError(f"args.models: names must be unique, got {dupes} more than once")
-        if self.default_model is not None and self.default_model not in names:
-            raise ValueError(f"args.default_model {self.default_model!r} is not one of the served models {names}")
         if not (isinstance(self.ingress_timeout_s, (int, float)) and self.ingress_timeout_s > 0):
             raise ValueError(f"args.ingress_timeout_s must be a number > 0, got {self.ingress_timeout_s!r}")
         if self.batching not in ("step", "request"):
             raise ValueError(f"args.batching must be 'step' or 'request', got {self.batching!r}")
 
-    @property
-    def default(self) -> str:
-        return self.default_model or self.models[0].name
-
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> AppArgs:
         d = dict(d or {})
-        allowed = {"models", "store", "default_model", "ingress_timeout_s", "batching"}
+        allowed = {"models", "store", "ingress_timeout_s", "batching"}
         if extra := sorted(set(d) - allowed):
             raise ValueError(f"args: unknown keys {extra}; known: {sorted(allowed)}")
         models = d.pop("models", None)

@@ -22,7 +22,8 @@ from serving.api.openai import APIError
 from tests.helpers import APP, SERVED_FAMILIES
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # Ray's, not ours
-FAST = {"diffusion": {"steps": 2}}   # per model: parameters that keep the test fast
+FAST = {"diffusion": {"steps": 2},   # per model: parameters that keep the test fast, and pin
+        "auto": {"goal": "latent"}}   # auto to the one model that does latent work, the VAE
 
 
 def test_status_codes():
@@ -67,7 +68,10 @@ def infer_typed(stub, model, class_ids, seeds, parameters=None) -> np.ndarray:
         t = request.inputs.add(name=name, datatype="INT64", shape=[len(values)])
         t.contents.int64_contents.extend(values)
     for key, value in (parameters or {}).items():
-        request.parameters[key].int64_param = value
+        if isinstance(value, str):
+            request.parameters[key].string_param = value
+        else:
+            request.parameters[key].int64_param = value
     response = stub.ModelInfer(request, timeout=120)
     assert [o.name for o in response.outputs] == ["image"] and response.outputs[0].datatype == "UINT8"
     return np.frombuffer(response.raw_output_contents[0], np.uint8).reshape(response.outputs[0].shape)
@@ -136,7 +140,7 @@ def test_infer_raw_and_typed_contents_give_the_same_images(client, stub, served_
     images, response = infer(client, model, [7, 7, NULL_CLASS], [11, 12, 11], parameters=params or None)
     assert images.shape == (3, 28, 28) and images.dtype == np.uint8
     np.testing.assert_array_equal(infer_typed(stub, model, [7, 7, NULL_CLASS], [11, 12, 11], params), images)
-    served = "gan" if model == "auto" else model       # the config's default_model
+    served = "vae" if model == "auto" else model       # goal latent: the VAE
     assert (response.model_name, response.model_version) == (served, served_store.resolve(served)[1])
     assert response.parameters["family"].string_param == served
     assert not np.array_equal(images[0], images[1])
@@ -205,8 +209,10 @@ def test_status_codes_and_the_server_keeps_serving(client, stub):
     status, message = status_of(lambda: infer(client, "gan", [11]))
     assert status == "StatusCode.INVALID_ARGUMENT" and message.startswith("class_id must be an integer in [0, 10]")
     assert status_of(lambda: infer(client, "gan", [1], parameters={"steps": 2}))[0] == "StatusCode.INVALID_ARGUMENT"
-    status, message = status_of(lambda: infer(client, "diffusion", [1, 2], parameters={"steps": 1000,
-                                                                                       "latency_slo_ms": 50}))
+    slow = {"steps": 1000, "latency_slo_ms": 50}   # admission: nothing can do it, so refused at once
+    status, message = status_of(lambda: infer(client, "diffusion", [1, 2], parameters=slow))
+    assert status == "StatusCode.RESOURCE_EXHAUSTED" and "no candidate can finish within the SLO" in message
+    status, message = status_of(lambda: infer(client, "diffusion", [1, 2], parameters=slow | {"best_effort": True}))
     assert status == "StatusCode.DEADLINE_EXCEEDED" and "did not answer within 50 ms" in message
     with pytest.raises(grpc.RpcError) as e:   # a method genserve does not implement
         stub.RepositoryIndex(service_pb2.RepositoryIndexRequest(), timeout=30)

@@ -20,14 +20,15 @@ from tests.helpers import SERVED_FAMILIES
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # Ray's and gevent's, not ours
 FAMILIES = {"gan": "gan", "vae": "vae", "diffusion": "diffusion"}
-FAST = {"diffusion": {"steps": 2}}   # per model: parameters that keep the test fast
+FAST = {"diffusion": {"steps": 2},   # per model: parameters that keep the test fast, and pin
+        "auto": {"goal": "latent"}}   # auto to the one model that does latent work, the VAE
 
 
 # ---- the v2 layer alone ----------------------------------------------------------------------------------
 
 def parse(inputs, parameters=None, name="gan", outputs=()):
     decoded = [decode_input(*t) for t in inputs]
-    return parse_infer(name, "", "", decoded, parameters or {}, list(outputs), FAMILIES, "gan")
+    return parse_infer(name, "", "", decoded, parameters or {}, list(outputs), FAMILIES)
 
 
 def error_of(fn, *args, **kwargs) -> APIError:
@@ -49,7 +50,7 @@ def test_a_request_is_one_job_per_image():
 
 def test_absent_seeds_are_drawn_once_and_numbered():
     req = parse([("class_id", "INT64", [3], [1, 1, 1])], name="auto")
-    assert req.model == "gan" and req.name == "auto"
+    assert req.model == req.name == "auto"   # the policy chooses at the ingress
     assert [j.seed for j in req.jobs] == [req.drawn_seed + i for i in range(3)]
 
 
@@ -83,7 +84,7 @@ def test_bad_tensors(tensor, message):
     ([("class_id", "INT64", [1], [1])], {"sampler": "euler"}, "diffusion", 400, "sampler must be one of ddim"),
     ([("class_id", "INT64", [1], [1])], {"latency_slo_ms": 0}, "gan", 400, "latency_slo_ms must be a number > 0"),
     ([("class_id", "INT64", [1], [1])], {"timeout": -5}, "gan", 400, "timeout (microseconds, 0 = none) must be"),
-    ([("class_id", "INT64", [1], [1])], {"quality": "best"}, "gan", 400, "quality applies to model 'auto' only"),
+    ([("class_id", "INT64", [1], [1])], {"goal": "dream"}, "auto", 400, "goal must be one of sample"),
     ([("class_id", "INT64", [1], [1])], {"quality": "great"}, "auto", 400, "quality must be one of draft"),
     ([("class_id", "INT64", [1], [1])], {"seeds": 1}, "gan", 400, "unknown parameter 'seeds'"),
     ([("class_id", "INT64", [1], [1])], {}, "nope", 404, "the model 'nope' does not exist"),
@@ -179,7 +180,7 @@ def test_infer_json_and_binary_give_the_same_images(client, served_store, model)
     as_binary, _ = infer(client, model, [7, 7, NULL_CLASS], [11, 12, 11], binary=True, **params)
     assert as_json.shape == (3, 28, 28) and as_json.dtype == np.uint8
     np.testing.assert_array_equal(as_binary, as_json)
-    served = "gan" if model == "auto" else model       # the config's default_model
+    served = "vae" if model == "auto" else model       # goal latent: the VAE
     assert (response["model_name"], response["model_version"]) == (served, served_store.resolve(served)[1])
     assert response["parameters"]["family"] == served and "seed" not in response["parameters"]
     assert not np.array_equal(as_json[0], as_json[1])   # another seed, another image
@@ -247,6 +248,9 @@ def test_errors_and_the_server_keeps_serving(client, server):
     assert status_of(lambda: infer(client, "gan", [12]))[0] == "400"
     assert status_of(lambda: infer(client, "gan", [1], steps=2))[0] == "400"
     status, message = status_of(lambda: infer(client, "diffusion", [1, 2], steps=1000, latency_slo_ms=50))
+    assert status == "429" and "no candidate can finish within the SLO" in message   # refused at once
+    status, message = status_of(lambda: infer(client, "diffusion", [1, 2], steps=1000, latency_slo_ms=50,
+                                              best_effort=True))
     assert status == "504" and "did not answer within 50 ms" in message
 
     url = server["url"] + "/v2/models/gan/infer"

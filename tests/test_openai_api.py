@@ -70,18 +70,23 @@ SERVED = {"gan": "gan", "vae": "vae", "diffusion": "diffusion"}
 
 def parse_error(body) -> APIError:
     with pytest.raises(APIError) as info:
-        parse_image_request(body, SERVED, "gan")
+        parse_image_request(body, SERVED)
     return info.value
 
 
 def test_request_parsing():
-    req = parse_image_request({"prompt": "Sneakers", "n": 2, "size": "56x56", "seed": 3}, SERVED, "gan")
+    req = parse_image_request({"prompt": "Sneakers", "n": 2, "size": "56x56", "seed": 3}, SERVED)
     assert (req.model, req.job.class_id, req.job.n, req.job.seed, req.upscale, req.class_name) == \
-           ("gan", 7, 2, 3, 2, "Sneaker")
-    assert parse_image_request({"model": "auto", "prompt": ""}, SERVED, "vae").job.class_id == NULL_CLASS
-    assert parse_image_request({"model": "vae", "class_id": 9, "prompt": "a nice one"}, SERVED, "gan").job.class_id == 9
+           ("auto", 7, 2, 3, 2, "Sneaker")   # no model: the policy chooses
+    hints = parse_image_request({"model": "auto", "quality": "hd", "goal": "latent", "best_effort": True,
+                                 "max_fd": 100, "min_class_accuracy": 0.8}, SERVED).hints
+    assert (hints.tier, hints.goal, hints.best_effort, hints.max_fd, hints.min_class_accuracy) == \
+           ("best", "latent", True, 100, 0.8)
+    assert parse_image_request({"steps": 20}, SERVED).job.steps == 20   # auto: pins the diffusion settings
+    assert parse_image_request({"model": "auto", "prompt": ""}, SERVED).job.class_id == NULL_CLASS
+    assert parse_image_request({"model": "vae", "class_id": 9, "prompt": "a nice one"}, SERVED).job.class_id == 9
     d = parse_image_request({"model": "diffusion", "steps": 10, "sampler": "ddim", "guidance_scale": 3,
-                             "latency_slo_ms": 500}, SERVED, "gan").job
+                             "latency_slo_ms": 500}, SERVED).job
     assert (d.steps, d.sampler, d.guidance_scale, d.timeout_s) == (10, "ddim", 3.0, 0.5)
 
 
@@ -98,7 +103,10 @@ def test_request_parsing():
     ({"class_id": 11}, 400, "class_id", "class_id must be an integer in [0, 10] (10 = no class), got 11"),
     ({"class_id": 1, "prompt": "bag"}, 400, "class_id", "class_id 1 (Trouser) contradicts the prompt, which names Bag"),
     ({"seed": -1}, 400, "seed", "seed must be an integer in [0, 2**64 - 1], got -1"),
-    ({"steps": 10}, 400, "steps", "steps applies only to diffusion models; 'gan' is a gan model"),
+    ({"model": "gan", "steps": 10}, 400, "steps", "steps applies only to diffusion models; 'gan' is a gan model"),
+    ({"quality": "ultra"}, 400, "quality", "quality must be one of draft, standard, best"),
+    ({"goal": "dream"}, 400, "goal", "goal must be one of sample, likelihood, latent"),
+    ({"best_effort": "yes"}, 400, "best_effort", "best_effort must be true or false"),
     ({"model": "diffusion", "steps": 0}, 400, "steps", "steps must be an integer in [1, 1000], got 0"),
     ({"model": "diffusion", "sampler": "euler"}, 400, "sampler", "sampler must be one of ddim, dpmpp_2m, got 'euler'"),
     ({"latency_slo_ms": 0}, 400, "latency_slo_ms", "latency_slo_ms must be a number > 0, got 0"),
@@ -225,12 +233,37 @@ def test_diffusion_through_the_step_engine(client, store):
     assert not np.array_equal(images_of(other), images)
 
 
-def test_a_missed_latency_slo_is_a_504_and_the_engine_keeps_serving(client):
-    with pytest.raises(openai.APIStatusError) as e:
+def test_an_slo_nothing_can_meet_is_a_429_at_once(client):
+    """Admission control: predicted to miss even on an idle replica, so rejected before any work, and
+    without Retry-After (waiting would not help)."""
+    start = time.monotonic()
+    with pytest.raises(openai.RateLimitError) as e:
         generate(client, "diffusion", n=4, seed=1, steps=1000, latency_slo_ms=50)
+    assert time.monotonic() - start < 5
+    assert e.value.response.json()["error"]["code"] == "slo_unattainable"
+    assert "Retry-After" not in e.value.response.headers
+
+
+def test_a_missed_latency_slo_is_a_504_and_the_engine_keeps_serving(client):
+    """best_effort admits what is predicted late; its deadline still holds in the engine."""
+    with pytest.raises(openai.APIStatusError) as e:
+        generate(client, "diffusion", n=4, seed=1, steps=1000, latency_slo_ms=50, best_effort=True)
     assert e.value.status_code == 504
     assert e.value.response.json()["error"]["code"] == "deadline_exceeded"
     assert images_of(generate(client, "diffusion", seed=2, steps=2)).shape == (1, 28, 28)
+
+
+def test_auto_explains_its_choice(client):
+    """model auto: the policy picks by goal, tier and SLO, and says so in the body and the headers."""
+    r = client.images.with_raw_response.generate(model="auto", prompt="bag", n=1,
+                                                 extra_body={"seed": 3, "goal": "latent", "latency_slo_ms": 20_000})
+    body = r.parse().model_extra
+    assert body["model"] == body["policy"]["model"] == "vae" == r.headers["X-Genserve-Model"]
+    assert body["policy"]["slo_met"] and body["policy"]["actual_ms"] > 0 and "vae" in body["policy"]["reason"]
+    loose = generate(client, "auto", prompt="bag", seed=3, latency_slo_ms=60_000).model_extra
+    assert loose["family"] == "diffusion"                   # time for the best quality: a diffusion setting
+    tight = generate(client, "auto", prompt="bag", seed=3, latency_slo_ms=100, best_effort=True).model_extra
+    assert tight["family"] in ("gan", "vae", "flow")        # 100 ms: a one-pass family
 
 
 def test_errors_in_openai_shape_and_the_server_keeps_serving(client, server):

@@ -8,7 +8,6 @@ import json
 import urllib.error
 import urllib.request
 
-import numpy as np
 import pytest
 
 from families.data import load_split

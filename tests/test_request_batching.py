@@ -34,8 +34,7 @@ def baseline(server):
     config = copy.deepcopy(server["config"])
     app = copy.deepcopy(config["applications"][0])
     app.update(name="baseline", route_prefix="/baseline")
-    app["args"] = {**app["args"], "batching": "request", "models": ["gan@latest", "diffusion@latest"],
-                   "default_model": "gan"}
+    app["args"] = {**app["args"], "batching": "request", "models": ["gan@latest", "diffusion@latest"]}
     app["deployments"] = [{**d, "ray_actor_options": {"num_cpus": 0}}  # the session app holds Ray's CPUs
                           for d in app["deployments"] if d["name"] in ("Ingress", "gan", "diffusion")]
     config["applications"].append(app)
@@ -56,9 +55,9 @@ def test_the_baseline_serves_the_same_images(server, baseline):
 
 
 def _short_during_long(url: str) -> tuple[float, float]:
-    """A 40-step request, then 0.3 s into it a 2-step one: their replica_ms (time at the model replica)."""
+    """A 300-step request, then 0.3 s into it a 2-step one: their replica_ms (time at the model replica)."""
     with ThreadPoolExecutor(2) as pool:
-        long = pool.submit(post, url, {"model": "diffusion", "prompt": "shirt", "seed": 1, "steps": 40})
+        long = pool.submit(post, url, {"model": "diffusion", "prompt": "shirt", "seed": 1, "steps": 300})
         time.sleep(0.3)
         short = post(url, {"model": "diffusion", "prompt": "shirt", "seed": 2, "steps": 2})
         return short["replica_ms"], long.result()["replica_ms"]

@@ -230,9 +230,9 @@ def test_submit_and_config_check_their_arguments():
 
 def test_app_args():
     args = AppArgs.from_dict({"models": ["gan@stable", {"name": "v", "ref": "vae@r1"}], "store": "/s"})
-    assert args.models == (ModelEntry("gan", "gan@stable"), ModelEntry("v", "vae@r1")) and args.default == "gan"
-    with pytest.raises(ValueError, match=r"args.default_model 'flow' is not one of the served models \['gan'\]"):
-        AppArgs.from_dict({"models": ["gan"], "default_model": "flow"})
+    assert args.models == (ModelEntry("gan", "gan@stable"), ModelEntry("v", "vae@r1")) and args.batching == "step"
+    with pytest.raises(ValueError, match=r"args.batching must be 'step' or 'request', got 'both'"):
+        AppArgs.from_dict({"models": ["gan"], "batching": "both"})
     with pytest.raises(ValueError, match=r"names must be unique, got \['gan'\]"):
         AppArgs.from_dict({"models": ["gan", "gan@stable"]})
     with pytest.raises(ValueError, match=r"args: unknown keys \['modles'\]"):

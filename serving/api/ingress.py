@@ -6,6 +6,7 @@ its own shape).
 
 Imports no runtime and no torch: the model deployments hold the sessions and the engine."""
 import asyncio
+import dataclasses
 from typing import Any
 
 from ray import serve
@@ -13,12 +14,14 @@ from ray.serve.exceptions import BackPressureError, RequestCancelledError
 from ray.serve.handle import DeploymentHandle
 
 from serving.api.http import api, logger
-from serving.api.jobs import GenerationJob, GenerationResult, ImagesJob, InterpolationJob
+from model_store.manifest import Manifest
+from serving.api.admission import SAMPLING_FIELDS, Admission, Outcome
+from serving.api.jobs import GenerationJob, GenerationResult, ImagesJob, InterpolationJob, PolicyHints
 from serving.api.openai import APIError
 from serving.api import family_routes, kserve_http, openai_routes, playground
 from serving.api.kserve import OpenInference
 from serving.api.kserve_grpc import GRPCInferenceService
-from serving.observability import note_model, observe_model_call
+from serving.observability import note_model, observe_model_call, record_decision
 
 # Errors a model deployment raises on purpose, by class name: the iterative engine's live in serving.engine,
 # which imports torch, and the ingress stays torch-free.
@@ -35,15 +38,42 @@ api.include_router(kserve_http.router)
 @serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=1000)
 @serve.ingress(api)
 class Ingress(GRPCInferenceService):  # gRPC: Serve's proxy calls the method named after the RPC
-    def __init__(self, models: dict[str, DeploymentHandle], families: dict[str, str], default_model: str,
-                 timeout_s: float):
-        """models: name -> handle of its deployment; families: name -> family (from the store at build)."""
-        self.models, self.families = models, families
-        self.default_model, self.timeout_s = default_model, timeout_s
+    def __init__(self, models: dict[str, DeploymentHandle], manifests: dict[str, Manifest], timeout_s: float):
+        """models: name -> handle of its deployment; manifests: name -> its version's manifest (family,
+        quality, latency profile: the policy's inputs), read from the store at build."""
+        self.models, self.timeout_s = models, timeout_s
+        self.families = {name: m.family for name, m in manifests.items()}
+        self.admission = Admission(manifests, timeout_s)
         self.v2 = OpenInference(self)  # KServe v2's operations, for its HTTP routes and gRPC methods
 
+    async def generate(self, model: str, jobs: list[GenerationJob], hints: PolicyHints | None = None
+                       ) -> list[GenerationResult]:
+        """One request's images, through the policy: admitted once for all its jobs (a v2 request is a job
+        per image), `auto` resolved to the model and settings the policy chose, the jobs run concurrently.
+        Each result carries the policy's account of the choice. Raises APIError (429 + Retry-After when
+        nothing can meet the deadline, the model call's errors otherwise)."""
+        self.admission.watch(self.models)
+        whole = dataclasses.replace(jobs[0], n=sum(j.n for j in jobs))
+        decision, chosen = self.admission.admit(model, whole, hints)
+        record_decision(decision.label)
+        settings = {k: getattr(chosen, k) for k in SAMPLING_FIELDS}
+        outcome = Outcome.FAILED
+        try:
+            results = await _all(self.generate_with(decision.model, dataclasses.replace(job, **settings))
+                                 for job in jobs)
+            outcome = Outcome.OK
+        except APIError as err:
+            outcome = Outcome.EXPIRED if err.status == 504 else Outcome.FAILED
+            raise
+        except asyncio.CancelledError:
+            outcome = Outcome.CANCELLED
+            raise
+        finally:
+            account = self.admission.finish(decision, outcome)
+        return [dataclasses.replace(r, policy=account) for r in results]
+
     async def generate_with(self, model: str, job: GenerationJob) -> GenerationResult:
-        """One call to the model's deployment, bounded by the job's SLO (else the ingress timeout); its
+        """One job on a served model, outside the policy (generate() admits first): one call to the model's deployment, bounded by the job's SLO (else the ingress timeout); its
         model, images and SLO outcome go to the request's metrics."""
         with observe_model_call(model, job.n, job.timeout_s):
             return await self._call_model(model, job)
@@ -84,3 +114,15 @@ class Ingress(GRPCInferenceService):  # gRPC: Serve's proxy calls the method nam
             logger.exception("genserve ingress: %s failed", model)
             raise APIError(500, f"{model} failed: {type(cause).__name__}: {cause}", type="server_error",
                            code="model_error") from None
+
+
+async def _all(calls) -> list:
+    """Run the calls concurrently, in order; the first failure cancels the rest (which frees their slots in
+    the models' batches) and is raised."""
+    tasks = [asyncio.ensure_future(c) for c in calls]
+    try:
+        return await asyncio.gather(*tasks)
+    except BaseException:
+        for t in tasks:
+            t.cancel()
+        raise

@@ -22,6 +22,7 @@ import asyncio
 import math
 import secrets
 import time
+import json
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field
 from importlib.metadata import version as package_version
@@ -30,10 +31,9 @@ from typing import Any
 import numpy as np
 
 from exporters.contracts import IMAGE_SHAPE
-from serving.api.jobs import GenerationJob, GenerationResult, ModelInfo
-from serving.api.openai import (AUTO, MAX_N, APIError, check_class_id, check_seed, resolve_model,
-                                sampling_options)
-from serving.policy.candidates import TIERS
+from serving.api.jobs import GenerationJob, ModelInfo, PolicyHints
+from serving.api.openai import (AUTO, MAX_N, POLICY_HINTS, APIError, check_class_id, check_seed, policy_hints,
+                                resolve_model, sampling_options)
 
 SERVER_NAME = "genserve"
 PLATFORM = "genserve"        # a v2 model here is a genserve sampling path, not one graph
@@ -54,7 +54,7 @@ class TensorSpec:
 CLASS_ID, SEED, IMAGE = "class_id", "seed", "image"
 INPUTS = {CLASS_ID: TensorSpec(CLASS_ID, "INT64", (-1,)), SEED: TensorSpec(SEED, "INT64", (-1,), optional=True)}
 OUTPUTS = {IMAGE: TensorSpec(IMAGE, "UINT8", (-1, *IMAGE_SHAPE[1:]))}
-PARAMETERS = ("sampler", "steps", "guidance_scale", "latency_slo_ms", "quality", "timeout")
+PARAMETERS = ("sampler", "steps", "guidance_scale", "latency_slo_ms", "timeout", *POLICY_HINTS)
 _BYTES = {"INT64": 8}        # bytes per element of the input datatypes
 
 
@@ -99,21 +99,20 @@ class InferRequest:
     """A validated v2 inference request."""
 
     name: str                          # the model as asked for: a served model or "auto"
-    model: str                         # the served model that generates (auto resolved)
+    model: str                         # a served model, or "auto": the policy chooses
     version: str                       # "": whatever version is served
     id: str                            # echoed in the response
     jobs: tuple[GenerationJob, ...]    # one per image, n=1 each: image i depends on nothing but its own row
     drawn_seed: int | None             # the seed of image 0 when the request gave none (image i: drawn_seed + i)
-    quality: str | None                # the tier `auto` is to meet: for the policy, once it is wired in
+    hints: PolicyHints                 # quality (tier), goal, best_effort, max_fd, min_class_accuracy
 
 
 def parse_infer(name: str, version: str, request_id: str, inputs: list[tuple[str, list[int]]],
-                parameters: dict[str, Any], outputs: list[str], families: dict[str, str],
-                default_model: str) -> InferRequest:
+                parameters: dict[str, Any], outputs: list[str], families: dict[str, str]) -> InferRequest:
     """Check a decoded request against the served models (name -> family). Raises APIError: 404 for an
     unknown model, 400 for anything else wrong, with a message naming the input or parameter. The version is
     checked against the served one by OpenInference.infer."""
-    model = resolve_model(name, families, default_model)
+    model = resolve_model(name, families)
     tensors = dict(inputs)
     if len(tensors) != len(inputs):
         raise invalid("each input may appear once")
@@ -133,19 +132,18 @@ def parse_infer(name: str, version: str, request_id: str, inputs: list[tuple[str
     elif len(seeds) != len(class_ids):
         raise invalid(f"input {SEED!r} must have the shape of {CLASS_ID!r}: one seed per image, "
                       f"got {len(seeds)} for {len(class_ids)}")
-    options = sampling_options(parameters, model, families[model])
+    options = sampling_options(parameters, model, families.get(model))
     timeout_us = parameters.get("timeout")
     if timeout_us is not None and (not _is_int(timeout_us) or timeout_us < 0):
         raise invalid(f"timeout (microseconds, 0 = none) must be an integer >= 0, got {timeout_us!r}")
     if timeout_us:
         options["timeout_s"] = min(timeout_us / 1e6, options["timeout_s"] or math.inf)
-    quality = parameters.get("quality")
-    if quality is not None and name != AUTO:
-        raise invalid(f"quality applies to model {AUTO!r} only; {name!r} is served as it is")
-    if quality is not None and quality not in TIERS:
-        raise invalid(f"quality must be one of {', '.join(TIERS)}, got {quality!r}")
+    try:
+        hints = policy_hints(parameters)
+    except APIError as err:  # OpenAI's checks name the parameter in `param`; v2's message must say it
+        raise invalid(err.message) from None
     jobs = tuple(GenerationJob(class_id=c, n=1, seed=check_seed(s), **options) for c, s in zip(class_ids, seeds))
-    return InferRequest(name, model, version, request_id, jobs, drawn, quality)
+    return InferRequest(name, model, version, request_id, jobs, drawn, hints)
 
 
 # ---- the protocol's operations -----------------------------------------------------------------------------
@@ -238,26 +236,30 @@ class OpenInference:
         if req.version:
             await self._info(req.name, req.version)
         start = time.perf_counter_ns()
-        stats = self.stats[req.model]
         try:
-            results = await _all(self.ingress.generate_with(req.model, job) for job in req.jobs)
+            results = await self.ingress.generate(req.model, list(req.jobs), req.hints)
         except BaseException:
-            stats.fail.add(time.perf_counter_ns() - start)
+            self.stats[req.model if req.model != AUTO else self._model(AUTO)].fail.add(time.perf_counter_ns() - start)
             raise
+        stats = self.stats[results[0].model]  # auto's requests count under the model that served them
         stats.success.add(time.perf_counter_ns() - start)
         stats.compute.add(int(max(r.replica_ms for r in results) * 1e6))  # the rows ran concurrently
         stats.inference_count += len(results)
         stats.execution_count += 1
         stats.last_inference_ms = int(time.time() * 1000)
         first = results[0]
-        parameters = {"family": first.family, **first.settings}
+        parameters = {"family": first.family, **first.settings, **({"policy": json.dumps(first.policy)}
+                                                                    if first.policy else {})}
         if req.drawn_seed is not None:
             parameters["seed"] = req.drawn_seed
         return InferResult(first.model, first.version, req.id, np.concatenate([r.images for r in results]),
                            parameters)
 
     def _model(self, name: str) -> str:
-        return resolve_model(name, self.ingress.families, self.ingress.default_model)
+        """The served model a name's metadata comes from: auto describes itself by the first served model
+        (every model has the same v2 tensors)."""
+        model = resolve_model(name, self.ingress.families)
+        return next(iter(self.ingress.models)) if model == AUTO else model
 
     async def _info(self, name: str, version: str) -> ModelInfo:
         info = await self.ingress.models[self._model(name)].info.remote()
@@ -270,18 +272,6 @@ class OpenInference:
             raise not_found(f"model {AUTO!r} has no versions: it routes to a served model")
         if version and version != info.version:
             raise not_found(f"model {name!r} has no version {version!r}; it serves version {info.version!r}")
-
-
-async def _all(calls) -> list[GenerationResult]:
-    """Run the calls concurrently, in order; the first failure cancels the rest (which frees their slots in
-    the models' batches) and is raised."""
-    tasks = [asyncio.ensure_future(c) for c in calls]
-    try:
-        return await asyncio.gather(*tasks)
-    except BaseException:
-        for t in tasks:
-            t.cancel()
-        raise
 
 
 def _statistics(info: ModelInfo, s: ModelStats) -> dict[str, Any]:

@@ -117,7 +117,7 @@ class GRPCInferenceService:
 
     @_answers("ModelInferResponse")
     async def ModelInfer(self, request):
-        resolve_model(request.model_name, self.families, self.default_model)  # unknown: 404 before input checks
+        resolve_model(request.model_name, self.families)  # unknown: 404 before input checks
         raw = request.raw_input_contents
         if raw and len(raw) != len(request.inputs):
             raise APIError(400, f"raw_input_contents must hold one entry per input ({len(request.inputs)}), "
@@ -126,7 +126,7 @@ class GRPCInferenceService:
                   for i, t in enumerate(request.inputs)]
         parameters = {k: parameter_value(v) for k, v in request.parameters.items()}
         req = parse_infer(request.model_name, request.model_version, request.id, inputs, parameters,
-                          [o.name for o in request.outputs], self.families, self.default_model)
+                          [o.name for o in request.outputs], self.families)
         result = await self.v2.infer(req)
 
         response = _pb().ModelInferResponse(model_name=result.name, model_version=result.version, id=result.id)

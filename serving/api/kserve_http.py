@@ -75,7 +75,7 @@ async def model_statistics(model: str, version: str = "", ingress=Depends(curren
 @router.post("/models/{model}/infer")
 @router.post("/models/{model}/versions/{version}/infer")
 async def infer(model: str, request: Request, version: str = "", ingress=Depends(current_ingress)) -> Response:
-    resolve_model(model, ingress.families, ingress.default_model)  # an unknown model: 404 before body checks
+    resolve_model(model, ingress.families)  # an unknown model: 404 before body checks
     body, binary = _split_body(await request.body(), request.headers.get(HEADER_LENGTH))
     if not isinstance(body, dict):
         raise invalid(f"the request body must be a JSON object, got {type(body).__name__}")
@@ -88,7 +88,7 @@ async def infer(model: str, request: Request, version: str = "", ingress=Depends
     binary_out = {o.get("name"): _flag(_parameters(o, {"binary_data"}).get("binary_data", binary_default),
                                        "binary_data") for o in outputs}
     req = parse_infer(model, version, str(body.get("id", "")), inputs, parameters, list(binary_out),
-                      ingress.families, ingress.default_model)
+                      ingress.families)
     # no outputs named: every output (there is one), in the request's default encoding
     return _response(await ingress.v2.infer(req), binary_out or dict.fromkeys(OUTPUTS, binary_default))
 

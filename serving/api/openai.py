@@ -5,7 +5,10 @@ no runtime, so every message is tested without a server.
     GET  /v1/models               OpenAI's list shape, with each model's family and version
 
 Extras in the body (the openai client sends them with extra_body=...): class_id, seed, sampler, steps,
-guidance_scale, latency_slo_ms. Errors are OpenAI's shape {"error": {message, type, param, code}}.
+guidance_scale, latency_slo_ms, and the policy's hints goal, best_effort, max_fd, min_class_accuracy;
+`quality` is the policy's tier (draft | standard | best; OpenAI's own low / medium / high / hd / auto
+are read as draft / standard / best / best / none). Errors are OpenAI's shape
+{"error": {message, type, param, code}}.
 """
 from __future__ import annotations
 
@@ -19,19 +22,25 @@ from typing import Any
 
 from exporters.contracts import IMAGE_SHAPE, NULL_CLASS, NUM_TRAIN_TIMESTEPS
 from serving.api.classes import CLASS_NAMES, class_from_prompt, class_list
-from serving.api.jobs import GenerationJob, GenerationResult, ModelInfo
+from serving.api.jobs import GenerationJob, GenerationResult, ModelInfo, PolicyHints
 from serving.api.png import encode_png, upscale
 
 MAX_N = 16                      # images per request, as the issue's API promises
 MAX_UPSCALE = 16                # sizes up to 448x448
 MAX_SEED = 2**64 - 1            # the engine's range (torch.Generator.manual_seed); numpy takes it too
 SAMPLERS = ("ddim", "dpmpp_2m")  # mirrors serving.samplers.loop.SAMPLERS, which the engine re-checks
-AUTO = "auto"                   # `model`: let genserve pick (the configured default until the policy lands)
+AUTO = "auto"                   # `model`: the latency/quality policy picks the model and its settings
 ITERATIVE_EXTRAS = {"diffusion": ("sampler", "steps", "guidance_scale")}  # family -> extras it takes
+TIERS = ("draft", "standard", "best")  # mirrors serving.policy.TIERS (the policy stays out of the API layer)
+GOALS = ("sample", "likelihood", "latent")
+# OpenAI's own quality values (dall-e-3, gpt-image-1) as tiers
+_OPENAI_QUALITY = {"low": "draft", "medium": "standard", "standard": "standard", "high": "best", "hd": "best",
+                   "auto": None}
+POLICY_HINTS = ("quality", "goal", "best_effort", "max_fd", "min_class_accuracy")
 # OpenAI fields accepted and ignored: they do not change a 28x28 grayscale sample
-_IGNORED = {"user", "quality", "style", "background", "moderation"}
+_IGNORED = {"user", "style", "background", "moderation"}
 _KNOWN = {"model", "prompt", "n", "size", "response_format", "output_format", "class_id", "seed", "sampler",
-          "steps", "guidance_scale", "latency_slo_ms"} | _IGNORED
+          "steps", "guidance_scale", "latency_slo_ms", *POLICY_HINTS} | _IGNORED
 
 
 class APIError(Exception):
@@ -69,13 +78,14 @@ def _is_number(v: Any) -> bool:
 class ImageRequest:
     """A validated POST /v1/images/generations."""
 
-    model: str                  # a served model's name (`auto` resolved)
+    model: str                  # a served model's name, or "auto"
     job: GenerationJob
+    hints: PolicyHints
     upscale: int                # size = 28*upscale square
     class_name: str | None      # None: unconditional
 
 
-def parse_image_request(body: Any, families: dict[str, str], default_model: str) -> ImageRequest:
+def parse_image_request(body: Any, families: dict[str, str]) -> ImageRequest:
     """Check a decoded JSON body against the served models (name -> family). Raises APIError: 404 for an
     unknown model, 400 for everything else wrong, each naming the offending field as `param`."""
     if not isinstance(body, dict):
@@ -84,8 +94,8 @@ def parse_image_request(body: Any, families: dict[str, str], default_model: str)
         raise invalid(unknown[0], f"unrecognized request argument: {unknown[0]!r}; genserve takes "
                                   f"{', '.join(sorted(_KNOWN - _IGNORED))}", "unknown_parameter")
 
-    model = resolve_model(body.get("model"), families, default_model)
-    family = families[model]
+    model = resolve_model(body.get("model"), families)
+    family = families.get(model)  # None for auto
 
     n = body.get("n", 1)
     n = 1 if n is None else n
@@ -108,15 +118,15 @@ def parse_image_request(body: Any, families: dict[str, str], default_model: str)
     # a drawn seed is reported in the response, so any image can be made again
     seed = secrets.randbits(32) if seed is None else check_seed(seed)
     job = GenerationJob(class_id=class_id, n=n, seed=seed, **sampling_options(body, model, family))
-    return ImageRequest(model, job, factor, None if class_id == NULL_CLASS else CLASS_NAMES[class_id])
+    return ImageRequest(model, job, policy_hints(body), factor, None if class_id == NULL_CLASS else CLASS_NAMES[class_id])
 
 
 # ---- checks every API shares (OpenAI here, KServe v2 in kserve.py) ---------------------------------------
 
-def resolve_model(model: Any, families: dict[str, str], default_model: str) -> str:
-    """The served model a request names: `auto` or absent is the configured default. 404 if none."""
+def resolve_model(model: Any, families: dict[str, str]) -> str:
+    """The served model a request names, or AUTO (absent or "auto": the policy chooses). 404 if none."""
     if model is None or model == AUTO:
-        model = default_model
+        return AUTO
     if not isinstance(model, str):
         raise invalid("model", f"model must be a string, got {model!r}")
     if model not in families:
@@ -138,10 +148,11 @@ def check_seed(seed: Any) -> int:
     return seed
 
 
-def sampling_options(values: dict[str, Any], model: str, family: str) -> dict[str, Any]:
+def sampling_options(values: dict[str, Any], model: str, family: str | None) -> dict[str, Any]:
     """GenerationJob's sampler, steps, guidance_scale and timeout_s from a request's sampler, steps,
-    guidance_scale (diffusion only) and latency_slo_ms, each checked; absent ones are None."""
-    allowed = ITERATIVE_EXTRAS.get(family, ())
+    guidance_scale (diffusion only; with auto (family None) they restrict the policy's choice to diffusion
+    settings that match) and latency_slo_ms, each checked; absent ones are None."""
+    allowed = ("sampler", "steps", "guidance_scale") if family is None else ITERATIVE_EXTRAS.get(family, ())
     for name in ("sampler", "steps", "guidance_scale"):
         if values.get(name) is not None and name not in allowed:
             takes = [f for f, extras in ITERATIVE_EXTRAS.items() if name in extras]
@@ -159,6 +170,27 @@ def sampling_options(values: dict[str, Any], model: str, family: str) -> dict[st
         raise invalid("latency_slo_ms", f"latency_slo_ms must be a number > 0, got {slo!r}")
     return {"sampler": sampler, "steps": steps, "guidance_scale": None if guidance is None else float(guidance),
             "timeout_s": None if slo is None else slo / 1000}
+
+
+def policy_hints(values: dict[str, Any]) -> PolicyHints:
+    """The policy's hints from a request's quality (tier), goal, best_effort, max_fd, min_class_accuracy."""
+    quality = values.get("quality")
+    tier = _OPENAI_QUALITY.get(quality, quality) if isinstance(quality, str) else quality
+    if tier is not None and tier not in TIERS:
+        raise invalid("quality", f"quality must be one of {', '.join(TIERS)} (or OpenAI's low, medium, high, hd, "
+                                 f"auto), got {quality!r}")
+    goal = values.get("goal") or "sample"
+    if goal not in GOALS:
+        raise invalid("goal", f"goal must be one of {', '.join(GOALS)}, got {goal!r}")
+    best_effort = values.get("best_effort", False)
+    if not isinstance(best_effort, bool):
+        raise invalid("best_effort", f"best_effort must be true or false, got {best_effort!r}")
+    max_fd, min_acc = values.get("max_fd"), values.get("min_class_accuracy")
+    if max_fd is not None and (not _is_number(max_fd) or max_fd <= 0):
+        raise invalid("max_fd", f"max_fd must be a number > 0, got {max_fd!r}")
+    if min_acc is not None and (not _is_number(min_acc) or not 0 <= min_acc <= 1):
+        raise invalid("min_class_accuracy", f"min_class_accuracy must be a number in [0, 1], got {min_acc!r}")
+    return PolicyHints(tier, max_fd, min_acc, goal, best_effort)
 
 
 def _parse_size(size: Any) -> int:
@@ -200,7 +232,18 @@ def images_response(req: ImageRequest, result: GenerationResult, latency_ms: flo
             "model": result.model, "version": result.version, "family": result.family,
             "class_id": req.job.class_id, "class_name": req.class_name, "seed": req.job.seed,
             "settings": result.settings,
-            "latency_ms": round(latency_ms, 3), "replica_ms": round(result.replica_ms, 3)}
+            "latency_ms": round(latency_ms, 3), "replica_ms": round(result.replica_ms, 3), "policy": result.policy}
+
+
+def policy_headers(result: GenerationResult) -> dict[str, str]:
+    """The policy's choice in HTTP headers too, for clients that do not read the body's extras."""
+    p = result.policy or {}
+    headers = {"X-Genserve-Model": result.model}
+    if "predicted_ms" in p:
+        headers |= {"X-Genserve-Predicted-Ms": str(p["predicted_ms"]), "X-Genserve-Actual-Ms": str(p["actual_ms"])}
+    if result.settings:
+        headers["X-Genserve-Settings"] = ",".join(f"{k}={v}" for k, v in result.settings.items())
+    return headers
 
 
 def model_object(info: ModelInfo) -> dict[str, Any]:

@@ -8,7 +8,7 @@ from fastapi.responses import JSONResponse
 
 from serving.api import openapi as schema
 from serving.api.http import current_ingress, decode_json
-from serving.api.openai import APIError, images_response, models_response, parse_image_request
+from serving.api.openai import APIError, images_response, models_response, parse_image_request, policy_headers
 
 router = APIRouter()
 
@@ -17,9 +17,10 @@ router = APIRouter()
              **schema.describe(schema.ImageGenerationRequest, schema.ImagesResponse))
 async def generations(request: Request, ingress=Depends(current_ingress)) -> JSONResponse:
     start = time.perf_counter()
-    req = parse_image_request(decode_json(await request.body()), ingress.families, ingress.default_model)
-    result = await ingress.generate_with(req.model, req.job)
-    return JSONResponse(images_response(req, result, (time.perf_counter() - start) * 1000))
+    req = parse_image_request(decode_json(await request.body()), ingress.families)
+    [result] = await ingress.generate(req.model, [req.job], req.hints)
+    return JSONResponse(images_response(req, result, (time.perf_counter() - start) * 1000),
+                        headers=policy_headers(result))
 
 
 @router.get("/v1/models", summary="The served models: family, version, operations, quality, latency profile",

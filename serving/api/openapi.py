@@ -87,7 +87,8 @@ class ImageGenerationRequest(Strict):
     model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [
         {"model": "gan", "prompt": "sneakers", "n": 2, "seed": 1}]})
 
-    model: str | None = Field(None, description="a served model, or 'auto' / absent")
+    model: str | None = Field(None, description="a served model, or 'auto' / absent: the latency/quality policy "
+                                                "picks the model and its settings")
     prompt: str | None = Field(None, description="a Fashion-MNIST class name; empty: any class")
     n: Annotated[int, Field(ge=1, le=16)] | None = 1
     size: Annotated[str, Field(pattern=r"^\d+x\d+$", description="'28x28' or a multiple such as '56x56'")] | None = None
@@ -100,10 +101,27 @@ class ImageGenerationRequest(Strict):
     guidance_scale: Annotated[float, Field(ge=0)] | None = Field(None, description="diffusion only")
     latency_slo_ms: Annotated[float, Field(gt=0)] | None = Field(None, description="answer within this, or 504")
     user: Any = Field(None, description="accepted and ignored (OpenAI)")
-    quality: Any = Field(None, description="accepted and ignored (OpenAI)")
+    quality: Literal["draft", "standard", "best", "low", "medium", "high", "hd", "auto"] | None = Field(
+        None, description="the policy's quality tier (OpenAI's own values are read as tiers)")
+    goal: Literal["sample", "likelihood", "latent"] | None = Field(
+        None, description="auto: only models that can also do this (likelihood: flow, pixelcnn; latent: vae)")
+    best_effort: bool | None = Field(None, description="nothing fits the SLO: the fastest model, not a 429")
+    max_fd: Annotated[float, Field(gt=0)] | None = Field(None, description="auto: a quality floor")
+    min_class_accuracy: Annotated[float, Field(ge=0, le=1)] | None = Field(None, description="auto: a quality floor")
     style: Any = Field(None, description="accepted and ignored (OpenAI)")
     background: Any = Field(None, description="accepted and ignored (OpenAI)")
     moderation: Any = Field(None, description="accepted and ignored (OpenAI)")
+
+
+class PolicyChoice(BaseModel):
+    model: str
+    settings: dict[str, Any]
+    predicted_ms: float
+    margin: float = Field(description="the safety factor on the prediction, learned from its errors")
+    slo_ms: float
+    reason: str
+    actual_ms: float
+    slo_met: bool
 
 
 class ImagesResponse(Served):
@@ -112,6 +130,7 @@ class ImagesResponse(Served):
     class_name: str | None
     seed: int
     settings: dict[str, Any] = Field(description="the sampling settings used")
+    policy: PolicyChoice | None = Field(description="what the latency/quality policy chose and why")
 
 
 class ModelObject(BaseModel):

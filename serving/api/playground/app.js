@@ -72,7 +72,7 @@ async function generate(event) {
   const body = {model: $("model").value, class_id: Number($("class").value), n: Number($("n").value)};
   if ($("slo").value !== "") body.latency_slo_ms = Number($("slo").value);
   if ($("seed").value !== "") body.seed = Number($("seed").value);
-  if ($("tier").value !== "" && body.model === "auto") body.tier = $("tier").value;  // a policy hint
+  if ($("tier").value !== "" && body.model === "auto") body.quality = $("tier").value;  // the policy's tier
   $("generate-button").disabled = true;
   try {
     const r = await call("POST", "/v1/images/generations", body);

@@ -1,0 +1,82 @@
+"""The ingress's side of the latency/quality policy (serving.policy): every generation passes through
+`Admission.admit` before it reaches a model and `Admission.finish` after, whatever the protocol.
+
+- `model: "auto"` lets the policy choose the model and its sampler settings; a named model is served as
+  asked, but still admitted only if it is predicted to meet its deadline (else 429 + Retry-After, unless
+  the request said best_effort).
+- A background task reads each replica's live load (`stats()`) a few times a second, so predictions
+  follow load that the policy did not admit itself (another ingress replica, requests in flight at start).
+
+One Admission per ingress replica, used from its one event loop (the policy is not thread-safe)."""
+import asyncio
+import dataclasses
+import time
+from typing import Any
+
+from ray.serve.handle import DeploymentHandle
+
+from model_store.manifest import Manifest
+from serving.api.jobs import GenerationJob, PolicyHints
+from serving.api.openai import APIError
+from serving.policy import Decision, Hints, LiveState, Outcome, Policy, PolicyConfig, Rejection, ServedModel
+
+LIVE_PERIOD_S = 0.2    # how often replicas' load is read: a diffusion step at full batch is ~0.15 s here
+SAMPLING_FIELDS = ("sampler", "steps", "guidance_scale")
+
+
+class Admission:
+    def __init__(self, manifests: dict[str, Manifest], timeout_s: float):
+        self.policy = Policy([ServedModel(name, m) for name, m in manifests.items()],
+                             PolicyConfig(default_slo_ms=timeout_s * 1000))
+        self._live: asyncio.Task | None = None
+
+    def admit(self, model: str, job: GenerationJob, hints: PolicyHints | None = None) -> tuple[Decision, GenerationJob]:
+        """On arrival: the decision and the job to send (the chosen model's settings filled in). Raises
+        APIError 429 (Retry-After when waiting helps) or 400 (no served model can do what was asked)."""
+        hints = hints or PolicyHints()
+        ask = Hints(model=model, n=job.n, class_id=job.class_id,
+                    latency_slo_ms=job.timeout_s * 1000 if job.timeout_s else None,
+                    tier=hints.tier, max_fd=hints.max_fd, min_class_accuracy=hints.min_class_accuracy,
+                    goal=hints.goal, best_effort=hints.best_effort,
+                    **{k: getattr(job, k) for k in SAMPLING_FIELDS})
+        outcome = self.policy.decide(ask, time.monotonic())
+        if isinstance(outcome, Rejection):
+            raise APIError(outcome.http_status, outcome.message, type="server_error" if outcome.http_status == 429
+                           else "invalid_request_error", code=outcome.reason, retry_after_s=outcome.retry_after_s)
+        settings = {k: v for k, v in outcome.settings.items() if k in SAMPLING_FIELDS}
+        return outcome, dataclasses.replace(job, **settings)
+
+    def finish(self, decision: Decision, outcome: Outcome) -> dict[str, Any]:
+        """When the request ended, however: the response's account of the choice, with the actual latency."""
+        done = self.policy.finish(decision.ticket, time.monotonic(), outcome)
+        return {**decision.explain(), "actual_ms": round(done.actual_ms, 1), "slo_met": done.met}
+
+    def watch(self, handles: dict[str, DeploymentHandle]) -> None:
+        """Start reading the replicas' load (once, from the event loop)."""
+        if self._live is None or self._live.done():
+            self._live = asyncio.get_running_loop().create_task(self._watch(handles))
+
+    async def _watch(self, handles: dict[str, DeploymentHandle]) -> None:
+        while True:
+            names = [n for n in handles if n in self.policy.loads]
+            results = await asyncio.gather(*(handles[n].stats.remote() for n in names), return_exceptions=True)
+            for name, stats in zip(names, results):
+                if isinstance(stats, dict):
+                    self.policy.observe_live(name, live_state(stats, time.monotonic()))
+            await asyncio.sleep(LIVE_PERIOD_S)
+
+
+def live_state(stats: dict[str, Any], now: float) -> LiveState:
+    """A replica's stats() -> the policy's LiveState: the step engine's (serving.engine.metrics) or the
+    one-pass batcher's."""
+    if "running" in stats:
+        return LiveState(now, running_units=stats["rows"], running_requests=stats["running"],
+                         running_steps=stats["steps_in_flight"], queued_units=stats["rows_queued"],
+                         queued_requests=stats["queue_length"], queued_steps=stats["steps_queued"],
+                         budget=stats["max_rows"] or None)
+    return LiveState(now, running_units=stats["in_flight_images"], running_requests=int(stats["in_flight_images"] > 0),
+                     running_steps=float(stats["in_flight_images"] > 0), queued_units=stats["queued_images"],
+                     queued_requests=int(stats["queued_images"] > 0), queued_steps=float(stats["queued_images"] > 0),
+                     budget=stats["max_batch_images"])
+
+
