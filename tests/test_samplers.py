@@ -157,7 +157,7 @@ def test_sample_with_guidance_one_is_a_plain_conditional_forward():
 
 @pytest.mark.parametrize("sampler", ["ddim", "dpmpp_2m"])
 def test_clipped_x0_matches_diffusers_clip_sample_and_thresholding(sampler):
-    """clip_x0 is diffusers' DDIM clip_sample, and DPM-Solver++ thresholding with sample_max_value 1
+    """clip_x0 is diffusers' DDIM clip_sample (with use_clipped_model_output), and DPM-Solver++ thresholding with sample_max_value 1
     (whose dynamic threshold is then exactly a clamp to [-1, 1])."""
     if sampler == "ddim":
         sched = diffusers.DDIMScheduler(**SCHEDULE, clip_sample=True, clip_sample_range=1.0, set_alpha_to_one=True)
@@ -171,7 +171,8 @@ def test_clipped_x0_matches_diffusers_clip_sample_and_thresholding(sampler):
     state = unclipped_state = DPMSolverState.initial(ours)
     for i, t in enumerate(timesteps):
         t_b = per_row(t, dtype=torch.int64)
-        ref = sched.step(wide_denoiser(ref, t_b, y), t, ref).prev_sample
+        kwargs = {"use_clipped_model_output": True} if sampler == "ddim" else {}  # ε re-derived from the clip
+        ref = sched.step(wide_denoiser(ref, t_b, y), t, ref, **kwargs).prev_sample
         alphas = step_alphas(timesteps, i)
         if sampler == "ddim":
             ours = ddim_step(ours, wide_denoiser(ours, t_b, y), *alphas, per_row(0.0), None, clip_x0=True)

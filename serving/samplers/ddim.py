@@ -12,8 +12,8 @@ def ddim_step(x_t: torch.Tensor, eps: torch.Tensor, alpha_t: torch.Tensor, alpha
     x_t, eps, noise: [B, C, H, W]; alpha_t, alpha_prev, eta: [B], ᾱ at the current and the next
     timestep (1.0 after the last step). eta = 0 is deterministic DDIM, eta = 1 is DDPM-like.
     noise ~ N(0, I) may be None only when every eta is 0. clip_x0 clamps the predicted x_0 to the data
-    range [-1, 1] (diffusers' clip_sample), which removes the speckle that a few-step, guided sampler
-    leaves on a small pixel-space model.
+    range [-1, 1] (diffusers' clip_sample with use_clipped_model_output), which removes the speckle that a
+    few-step, guided sampler leaves on a small pixel-space model.
     """
     if noise is None and bool((eta > 0).any()):
         raise ValueError("noise is required when any eta > 0")
@@ -27,6 +27,10 @@ def ddim_step(x_t: torch.Tensor, eps: torch.Tensor, alpha_t: torch.Tensor, alpha
     x0 = (x - per_sample((1 - a_t).sqrt(), x) * eps) / per_sample(a_t.sqrt(), x)  # "predicted x_0"
     if clip_x0:
         x0 = x0.clamp(-1.0, 1.0)
+        # and re-derive ε from the clipped x_0 (GLIDE; diffusers' use_clipped_model_output): else the step
+        # mixes a clipped x_0 with the raw ε that contradicts it, which at t near T (x_0 off by ~1/√ᾱ_t)
+        # wrecks the sample: FD 558 vs 80 at 25 guided steps, 200 samples. With it, DDIM(η=0) is DPM-Solver++(1).
+        eps = (x - per_sample(a_t.sqrt(), x) * x0) / per_sample((1 - a_t).sqrt(), x)
     x_prev = per_sample(a_prev.sqrt(), x) * x0 + per_sample(dir_coef, x) * eps  # + "direction pointing to x_t"
     if noise is not None:
         x_prev = x_prev + per_sample(sigma, x) * noise.float()  # + random noise
