@@ -268,3 +268,17 @@ def test_simulator_cli_prints_the_comparison(capsys):
     main(["--rates", "5", "--level-seconds", "1"])
     table = capsys.readouterr().out
     assert "| 5 | auto |" in table and "| 5 | pixelcnn |" in table and "SLO met (admitted)" in table
+
+
+def test_one_stall_cannot_lock_a_model_out():
+    """A real ramp showed it: one 7x stall made the margin the worst ratio, every request infeasible, and
+    nothing then corrected it. A ratio now counts at most 4x, and ratios expire after the horizon."""
+    from serving.policy.latency import Margin
+
+    margin = Margin(prior=1.2, quantile=0.99, window=200, min_samples=20, max_ratio=4.0, horizon_s=60.0)
+    margin.observe(17.0, now=0.0)
+    assert margin.value == 4.0
+    margin.expire(now=30.0)
+    assert margin.value == 4.0
+    margin.expire(now=61.0)
+    assert margin.value == 1.2          # a quiet model is back at its prior

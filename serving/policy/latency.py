@@ -178,20 +178,37 @@ class Correction:
 
 class Margin:
     """What a prediction is multiplied by before it is held against the deadline: a high quantile of recent
-    actual/expected ratios, so it widens after surprises and narrows as predictions improve. It widens at
-    once, but narrows below `prior` only with min_samples ratios as evidence; never below 1, since a
-    pessimistic model is no reason to cut closer."""
+    actual/expected ratios, so it widens after surprises and narrows as predictions improve; never below 1,
+    since a pessimistic model is no reason to cut closer.
 
-    def __init__(self, prior: float, quantile: float, window: int, min_samples: int):
+    It widens at once, but narrows below `prior` only with min_samples ratios as evidence. Two guards keep
+    one stall (a cold start, a GC pause, a neighbour on the cores) from locking a model out, which a real
+    ramp showed: with few ratios the quantile IS the worst one, and a margin that makes every request
+    infeasible admits nothing, so nothing corrects it. A ratio counts at most `max_ratio`, and ratios
+    expire after `horizon_s`, after which a quiet model is back at its prior."""
+
+    def __init__(self, prior: float, quantile: float, window: int, min_samples: int, *,
+                 max_ratio: float = 4.0, horizon_s: float = 60.0):
         self.prior, self.quantile, self.min_samples = prior, quantile, min_samples
-        self.ratios: deque[float] = deque(maxlen=window)
-        self.value = prior
+        self.max_ratio, self.horizon_s = max_ratio, horizon_s
+        self.ratios: deque[tuple[float, float]] = deque(maxlen=window)   # (time, ratio)
+        self._value = prior
 
-    def observe(self, ratio: float) -> None:
-        self.ratios.append(ratio)
-        ordered = sorted(self.ratios)
-        q = ordered[min(len(ordered) - 1, int(self.quantile * len(ordered)))]
-        self.value = max(1.0, q if len(ordered) >= self.min_samples else max(q, self.prior))
+    @property
+    def value(self) -> float:
+        return self._value
+
+    def observe(self, ratio: float, now: float) -> None:
+        self.ratios.append((now, min(ratio, self.max_ratio)))
+        self.expire(now)
+
+    def expire(self, now: float) -> None:
+        """Drop ratios older than the horizon and recompute; runs on every observation and prediction."""
+        while self.ratios and self.ratios[0][0] < now - self.horizon_s:
+            self.ratios.popleft()
+        ordered = sorted(r for _, r in self.ratios)
+        q = ordered[min(len(ordered) - 1, int(self.quantile * len(ordered)))] if ordered else self.prior
+        self._value = max(1.0, q if len(ordered) >= self.min_samples else max(q, self.prior))
 
 
 @dataclass(frozen=True)
