@@ -100,11 +100,19 @@ def engine_stats(app: str, model: str) -> dict[str, Any]:
     return serve.get_deployment_handle(model, app_name=app).stats.remote().result(timeout_s=60)
 
 
+def metrics_url() -> str:
+    """The local Ray's Prometheus endpoint: the load generator scrapes it into the run (batch occupancy)."""
+    import ray
+
+    return f"http://127.0.0.1:{ray.nodes()[0]['MetricsExportPort']}/metrics"
+
+
 def load(url: str, out: Path, name: str, mix: list[Template], load: OpenLoop | ClosedLoop, *,
          warmup_s: float = 5.0, timeout_s: float = 60.0) -> Any:
-    """Run one scenario through the load generator; returns its recorded run (loadtests.records.RunData)."""
+    """Run one scenario through the load generator, scraping Ray's metrics as it goes; returns the
+    recorded run (loadtests.records.RunData)."""
     scenario = Scenario(name=name, mix=tuple(mix), load=load, url=url, warmup_s=warmup_s,
-                        request_timeout_s=timeout_s, seed=0)
+                        request_timeout_s=timeout_s, seed=0, metrics_url=metrics_url())
     run_dir = out / "runs" / name
     print(f"  load: {name} -> {run_dir}", flush=True)
     return load_run(run_scenario(scenario, run_dir, progress=False))
