@@ -64,14 +64,15 @@ def _deployment(name: str, num_cpus: float, user_config: dict | None = None) -> 
 
 
 def genserve_app(name: str, prefix: str, store: str, model: str, batching: str) -> dict[str, Any]:
-    """One application of genserve's config serving one model on one CPU."""
+    """One application of genserve's config serving one model on one CPU; the request-level baseline runs
+    without genserve's admission control, as a plain Ray Serve app would."""
     from serving.app import load_config
 
     app = dict(load_config()["applications"][0])
     config = {d["name"]: d.get("user_config") for d in app["deployments"]}
     app.update(name=name, route_prefix=prefix,
                args={**app["args"], "store": store, "models": [f"{model}@latest"],
-                     "batching": batching},
+                     "batching": batching, "admission": batching == "step"},
                deployments=[_deployment("Ingress", 0), _deployment(model, 1, config[model])])
     return app
 
@@ -256,7 +257,8 @@ def _capacity(rows: list[dict[str, Any]]) -> float:
 
 def _mixed_markdown(data: dict[str, Any], results: dict[str, list[dict[str, Any]]]) -> str:
     header = ("| offered req/s | system | p50 / p99 10 steps (ms) | p50 / p99 25 steps (ms) | p50 / p99 50 steps (ms) "
-              "| goodput at 3 s (req/s) | SLO attainment | dropped |\n|---:|---|---:|---:|---:|---:|---:|---:|")
+              "| goodput at 3 s (req/s) | within 3 s | rejected (429) | expired (504) |\n"
+              "|---:|---|---:|---:|---:|---:|---:|---:|---:|")
     lines = []
     for i, rate in enumerate(data["rates"]):
         for who, rows in results.items():
@@ -264,7 +266,8 @@ def _mixed_markdown(data: dict[str, Any], results: dict[str, list[dict[str, Any]
             cells = [f"{_ms(row[s].p50_s)} / {_ms(row[s].p99_s)}" for s in MIXED_STEPS]
             a: GroupStats = row["all"]
             lines.append(f"| {rate:g} | {who} | " + " | ".join(cells) +
-                         f" | {a.goodput_rps:.2f} | {(a.slo_attainment or 0) * 100:.0f}% | {a.error_rate * 100:.0f}% |")
+                         f" | {a.goodput_rps:.2f} | {(a.slo_attainment or 0) * 100:.0f}% | {a.rejection_rate * 100:.0f}% "
+                         f"| {a.timeout_rate * 100:.0f}% |")
     caps = {who: _capacity(rows) for who, rows in results.items()}
     knee = next((i for i, row in enumerate(results["request-batched"]) if (row["all"].p50_s or 0) > 1.0), None)
     summary = [f"Raw ceiling: {data['raw_rows_per_s_at_64']:,.0f} rows/s at batch 64 = {data['ceiling_rps']:.2f} req/s "

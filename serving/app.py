@@ -140,7 +140,7 @@ def build_app(args: dict[str, Any]) -> Application:
             raise ValueError(f"{entry.ref} is a {family!r} model, which genserve does not serve")
         handles[entry.name] = deployment.options(name=entry.name).bind(store.uri, entry.ref)
         manifests[entry.name] = manifest
-    return Ingress.options(name=INGRESS).bind(handles, manifests, cfg.ingress_timeout_s)
+    return Ingress.options(name=INGRESS).bind(handles, manifests, cfg.ingress_timeout_s, cfg.admission)
 
 
 # ---- running the config file: `genserve up` and the tests ------------------------------------------------

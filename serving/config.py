@@ -101,6 +101,9 @@ class AppArgs:
     # "step": genserve's paths (image-count batching, the step engine); "request": the plain @serve.batch
     # baseline over whole requests (serving/request_batching.py), for the benchmarks
     batching: str = "step"
+    # The latency/quality policy's admission control at the ingress (and `model: "auto"`). Off only for
+    # the benchmarks' baseline, which stands for a plain Ray Serve app with none.
+    admission: bool = True
 
     def __post_init__(self):
         if not self.models:
@@ -110,13 +113,15 @@ class AppArgs:
             raise ValueError(f"args.models: names must be unique, got {dupes} more than once")
         if not (isinstance(self.ingress_timeout_s, (int, float)) and self.ingress_timeout_s > 0):
             raise ValueError(f"args.ingress_timeout_s must be a number > 0, got {self.ingress_timeout_s!r}")
+        if not isinstance(self.admission, bool):
+            raise ValueError(f"args.admission must be true or false, got {self.admission!r}")
         if self.batching not in ("step", "request"):
             raise ValueError(f"args.batching must be 'step' or 'request', got {self.batching!r}")
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> AppArgs:
         d = dict(d or {})
-        allowed = {"models", "store", "ingress_timeout_s", "batching"}
+        allowed = {"models", "store", "ingress_timeout_s", "batching", "admission"}
         if extra := sorted(set(d) - allowed):
             raise ValueError(f"args: unknown keys {extra}; known: {sorted(allowed)}")
         models = d.pop("models", None)

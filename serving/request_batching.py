@@ -1,6 +1,7 @@
 """The request-level batching baseline: the same models served with plain Ray Serve `@serve.batch` over
 whole requests, as a user would write it. Selected with `batching: request` in the Serve config's
-application args; genserve's own paths (`batching: step`, the default) are what it is measured against.
+application args (with `admission: false`, for a baseline without genserve's admission control too);
+genserve's own paths (`batching: step`, the default) are what it is measured against.
 
 - one-pass: a batch of up to `max_batch_images` REQUESTS (Serve counts calls, not images), waiting up to
   `max_wait_ms` for them, runs one forward over all their images.

@@ -34,7 +34,8 @@ def baseline(server):
     config = copy.deepcopy(server["config"])
     app = copy.deepcopy(config["applications"][0])
     app.update(name="baseline", route_prefix="/baseline")
-    app["args"] = {**app["args"], "batching": "request", "models": ["gan@latest", "diffusion@latest"]}
+    app["args"] = {**app["args"], "batching": "request", "admission": False,
+                   "models": ["gan@latest", "diffusion@latest"]}
     app["deployments"] = [{**d, "ray_actor_options": {"num_cpus": 0}}  # the session app holds Ray's CPUs
                           for d in app["deployments"] if d["name"] in ("Ingress", "gan", "diffusion")]
     config["applications"].append(app)

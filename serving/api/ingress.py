@@ -17,7 +17,7 @@ from serving.api.http import api, logger
 from model_store.manifest import Manifest
 from serving.api.admission import SAMPLING_FIELDS, Admission, Outcome
 from serving.api.jobs import GenerationJob, GenerationResult, ImagesJob, InterpolationJob, PolicyHints
-from serving.api.openai import APIError
+from serving.api.openai import AUTO, APIError
 from serving.api import family_routes, kserve_http, openai_routes, playground
 from serving.api.kserve import OpenInference
 from serving.api.kserve_grpc import GRPCInferenceService
@@ -38,12 +38,14 @@ api.include_router(kserve_http.router)
 @serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=1000)
 @serve.ingress(api)
 class Ingress(GRPCInferenceService):  # gRPC: Serve's proxy calls the method named after the RPC
-    def __init__(self, models: dict[str, DeploymentHandle], manifests: dict[str, Manifest], timeout_s: float):
+    def __init__(self, models: dict[str, DeploymentHandle], manifests: dict[str, Manifest], timeout_s: float,
+                 admission: bool = True):
         """models: name -> handle of its deployment; manifests: name -> its version's manifest (family,
-        quality, latency profile: the policy's inputs), read from the store at build."""
+        quality, latency profile: the policy's inputs), read from the store at build. admission False: no
+        policy (explicit models only, nothing refused), for the benchmarks' plain baseline."""
         self.models, self.timeout_s = models, timeout_s
         self.families = {name: m.family for name, m in manifests.items()}
-        self.admission = Admission(manifests, timeout_s)
+        self.admission = Admission(manifests, timeout_s) if admission else None
         self.v2 = OpenInference(self)  # KServe v2's operations, for its HTTP routes and gRPC methods
 
     async def generate(self, model: str, jobs: list[GenerationJob], hints: PolicyHints | None = None
@@ -52,6 +54,11 @@ class Ingress(GRPCInferenceService):  # gRPC: Serve's proxy calls the method nam
         per image), `auto` resolved to the model and settings the policy chose, the jobs run concurrently.
         Each result carries the policy's account of the choice. Raises APIError (429 + Retry-After when
         nothing can meet the deadline, the model call's errors otherwise)."""
+        if self.admission is None:
+            if model == AUTO:
+                raise APIError(400, "model 'auto' needs the policy, which this application runs without "
+                                    "(args.admission: false); name a model", param="model")
+            return await _all(self.generate_with(model, job) for job in jobs)
         self.admission.watch(self.models)
         whole = dataclasses.replace(jobs[0], n=sum(j.n for j in jobs))
         decision, chosen = self.admission.admit(model, whole, hints)
