@@ -4,7 +4,6 @@ import tracemalloc
 
 import numpy as np
 import pytest
-import scipy.linalg
 from scipy.spatial.distance import cdist
 
 from families.metrics import (

@@ -10,9 +10,9 @@ Every served model, and `auto`, is a v2 model:
                                           seed[i] and the parameters. Absent: the server draws S, image i
                                           uses S + i, and the response's parameter `seed` is S.
     outputs  image     UINT8 [-1,28,28]
-    request parameters: sampler, steps, guidance_scale (diffusion), latency_slo_ms, quality (auto only), and
-             Triton's timeout (microseconds, 0 = none); the tighter of latency_slo_ms and timeout is the
-             request's deadline.
+    request parameters: sampler, steps, guidance_scale (diffusion), latency_slo_ms, the policy's hints
+             (quality, goal, best_effort, max_fd, min_class_accuracy) and Triton's timeout (microseconds,
+             0 = none); the tighter of latency_slo_ms and timeout is the request's deadline.
 
 Errors are serving.api.openai.APIError (status + message), which each transport renders in its own shape.
 """
@@ -181,7 +181,7 @@ class ModelStats:
 
 class OpenInference:
     """The v2 operations over the ingress's models; one per Ingress replica (it keeps the statistics).
-    `ingress` gives models (name -> handle), families, default_model and generate_with()."""
+    `ingress` gives models (name -> handle), families and generate()."""
 
     def __init__(self, ingress):
         self.ingress = ingress
