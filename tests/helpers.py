@@ -2,7 +2,10 @@
 from __future__ import annotations
 
 import random
+import json
 import socket
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import torch
@@ -50,3 +53,20 @@ def run_cli(*argv: str) -> None:
     """Run a `genserve` command in-process; errors raise instead of becoming exit codes."""
     args = build_parser().parse_args(list(argv))
     args.func(args)
+
+
+def http_json(method: str, url: str, body: bytes | dict | None = None, headers: dict | None = None,
+              timeout: float = 120) -> tuple[int, dict]:
+    """A raw request (for what the real clients cannot send): status and decoded JSON body; a dict body is
+    sent as JSON. Asserts no error answer carries a traceback."""
+    data = json.dumps(body).encode() if isinstance(body, dict) else body
+    req = urllib.request.Request(url, data=data, method=method,
+                                 headers=headers if headers is not None else {"content-type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as err:
+        text = err.read()
+        assert b"Traceback" not in text
+        return err.code, json.loads(text)
+

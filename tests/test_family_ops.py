@@ -27,7 +27,7 @@ from serving.api import family_ops, openapi
 from serving.api.openai import _IGNORED, _KNOWN, APIError
 from serving.api.png import decode_png, encode_png
 from serving.operations import complexity_bits_per_dim, lerp, pixelcnn_bits_per_dim, slerp
-from tests.helpers import run_cli
+from tests.helpers import http_json, run_cli
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:ray.*")
 
@@ -201,16 +201,7 @@ def test_auroc_and_the_outlier_sets():
 # ---- the running app ----------------------------------------------------------------------------------------
 
 def post(url: str, body) -> tuple[int, dict]:
-    data = body if isinstance(body, bytes) else json.dumps(body).encode()
-    req = urllib.request.Request(url, data=data, method="POST", headers={"content-type": "application/json"})
-    try:
-        with urllib.request.urlopen(req, timeout=120) as r:
-            return r.status, json.loads(r.read())
-    except urllib.error.HTTPError as err:
-        text = err.read()
-        assert b"Traceback" not in text
-        return err.code, json.loads(text)
-
+    return http_json("POST", url, body)
 
 def get(url: str) -> dict:
     with urllib.request.urlopen(url, timeout=60) as r:

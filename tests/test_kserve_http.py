@@ -16,7 +16,7 @@ from tritonclient.utils import InferenceServerException
 from exporters.contracts import NULL_CLASS
 from serving.api.kserve import decode_input, parse_infer
 from serving.api.openai import APIError
-from tests.helpers import SERVED_FAMILIES
+from tests.helpers import SERVED_FAMILIES, http_json
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # Ray's and gevent's, not ours
 FAMILIES = {"gan": "gan", "vae": "vae", "diffusion": "diffusion"}
@@ -128,15 +128,7 @@ def infer(client, model, class_ids, seeds=None, binary=True, **parameters):
 
 
 def raw(method: str, url: str, body: bytes | None = None, headers: dict | None = None) -> tuple[int, dict]:
-    req = urllib.request.Request(url, data=body, method=method, headers=headers or {})
-    try:
-        with urllib.request.urlopen(req, timeout=60) as r:
-            return r.status, json.loads(r.read())
-    except urllib.error.HTTPError as err:
-        text = err.read()
-        assert b"Traceback" not in text
-        return err.code, json.loads(text)
-
+    return http_json(method, url, body, headers or {}, timeout=60)
 
 def status_of(call) -> tuple[str, str]:
     with pytest.raises(InferenceServerException) as info:

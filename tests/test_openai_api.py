@@ -9,8 +9,6 @@ import json
 import socket
 import struct
 import time
-import urllib.error
-import urllib.request
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 
@@ -23,7 +21,7 @@ from model_store import ModelStore
 from serving.api.classes import class_from_prompt
 from serving.api.openai import APIError, parse_image_request
 from serving.api.png import encode_png
-from tests.helpers import APP, MAX_BATCH, MAX_WAIT_MS, ONE_PASS, SERVED_FAMILIES
+from tests.helpers import APP, MAX_BATCH, MAX_WAIT_MS, ONE_PASS, SERVED_FAMILIES, http_json
 
 FAMILIES = ONE_PASS                              # the one-pass path
 # Ray Serve's own pydantic models warn on import under pydantic 2.x; not ours to fix
@@ -53,15 +51,7 @@ def images_of(response) -> np.ndarray:
 
 def http(method: str, url: str, body: bytes | None = None) -> tuple[int, dict]:
     """A raw request (for what the openai client cannot send): status and decoded JSON body."""
-    req = urllib.request.Request(url, data=body, method=method, headers={"content-type": "application/json"})
-    try:
-        with urllib.request.urlopen(req, timeout=60) as r:
-            return r.status, json.loads(r.read())
-    except urllib.error.HTTPError as err:
-        text = err.read()
-        assert b"Traceback" not in text
-        return err.code, json.loads(text)
-
+    return http_json(method, url, body, timeout=60)
 
 # ---- the API layer alone -------------------------------------------------------------------------------
 
