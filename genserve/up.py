@@ -71,9 +71,12 @@ def run_up(args: argparse.Namespace) -> None:
         where = f"http://{'127.0.0.1' if http['host'] in ('0.0.0.0', '::') else http['host']}:{http['port']}"
         print(f"genserve: serving {', '.join(models)} at {where}/v1 "
               f"(ready in {time.perf_counter() - started:.0f} s); Ctrl-C stops")
+        grpc_port = config.get("grpc_options", {}).get("port")
+        print(f"  playground {where}/   KServe v2 {where}/v2" + (f"   gRPC :{grpc_port}" if grpc_port else "") +
+              f"   Prometheus metrics :{ray.nodes()[0]['MetricsExportPort']}/metrics")
         print(f"  curl -s {where}/v1/models")
         print(f"  curl -s {where}/v1/images/generations -H 'content-type: application/json' "
-              "-d '{\"model\": \"" + models[0].partition('@')[0] + "\", \"prompt\": \"sneaker\", \"n\": 2, \"seed\": 0}'")
+              "-d '{\"model\": \"auto\", \"prompt\": \"sneaker\", \"n\": 2, \"latency_slo_ms\": 500}'")
         while not stop.wait(1.0):
             pass
         print("genserve: stopping")
