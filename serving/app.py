@@ -77,12 +77,16 @@ class IterativeDeployment:
         settings = {"temperature": float(default.get("temperature", 1.0))}
         return PixelCNNRequest(class_id=job.class_id, seed=job.seed, n=job.n, deadline=deadline, **settings), settings
 
-    async def generate(self, job: GenerationJob) -> GenerationResult:
-        start = time.perf_counter()
+    async def _sample(self, request):
+        """One request's images: it joins the engine's running batch (the request-level baseline overrides this)."""
         if self._loop is None or self._loop.done():
             self._loop = asyncio.get_running_loop().create_task(self.engine.run())
+        return await self.timing.submit(self.engine, request)
+
+    async def generate(self, job: GenerationJob) -> GenerationResult:
+        start = time.perf_counter()
         request, settings = self._request(job)
-        images = await self.timing.submit(self.engine, request)  # uint8 [n, 1, 28, 28]
+        images = await self._sample(request)  # uint8 [n, 1, 28, 28]
         return GenerationResult(images.numpy()[:, 0], self.model.name, self.model.version, self.model.family,
                                 (time.perf_counter() - start) * 1000, settings)
 

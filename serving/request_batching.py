@@ -14,16 +14,13 @@ Both read the user_config of the path they replace, so switching is one line in 
 from __future__ import annotations
 
 import asyncio
-import time
 
 import numpy as np
 from ray import serve
 
-from serving.api.jobs import GenerationJob, GenerationResult
 from serving.app import IterativeDeployment
 from serving.config import IterativeConfig, OnePassConfig
 from serving.onepass.deployment import OnePassDeployment
-from serving.onepass.inputs import draw_inputs, to_images
 
 # How long an iterative batch waits for more requests: a few ms, like the one-pass default, is small next to
 # a diffusion request's hundreds of ms
@@ -46,13 +43,8 @@ class RequestBatchedOnePass(OnePassDeployment.func_or_class):
         out = await self._forward(feeds)
         return np.split(out, np.cumsum(sizes)[:-1])
 
-    async def generate(self, job: GenerationJob) -> GenerationResult:
-        start = time.perf_counter()
-        feeds = draw_inputs(self.graph.contract, job.class_id, job.n, job.seed, self.temperature)
-        x = await self._forward_requests(feeds)
-        settings = {"temperature": self.temperature} if self.model.family == "flow" else {}
-        return GenerationResult(to_images(self.graph.contract, x), self.model.name, self.model.version,
-                                self.model.family, (time.perf_counter() - start) * 1000, settings)
+    async def _sample(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
+        return await self._forward_requests(feeds)
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 1}, max_ongoing_requests=256)
@@ -62,7 +54,7 @@ class RequestBatchedIterative(IterativeDeployment.func_or_class):
         self._run_requests.set_max_batch_size(max(1, self.config.max_batch_rows // 2))
 
     def _run_to_completion(self, requests: list) -> list:
-        """On the engine's thread: one fresh engine core over this batch only, stepped until all have left."""
+        """Off the event loop: one fresh engine core over this batch only, stepped until all have left."""
         from serving.engine import EngineCore
 
         core = EngineCore(self.engine.core.stepper, max_rows=sum(r.rows for r in requests))
@@ -77,10 +69,6 @@ class RequestBatchedIterative(IterativeDeployment.func_or_class):
         # off the event loop; one batch at a time (@serve.batch's max_concurrent_batches=1)
         return await asyncio.get_running_loop().run_in_executor(None, self._run_to_completion, requests)
 
-    async def generate(self, job: GenerationJob) -> GenerationResult:
-        start = time.perf_counter()
-        request, settings = self._request(job)
+    async def _sample(self, request):
         output = await self._run_requests(request)
-        images = output.result()  # raises DeadlineExceeded / RequestFailed like the engine path
-        return GenerationResult(images.numpy()[:, 0], self.model.name, self.model.version, self.model.family,
-                                (time.perf_counter() - start) * 1000, settings)
+        return output.result()  # raises DeadlineExceeded / RequestFailed like the engine path
