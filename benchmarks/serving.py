@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from exporters.contracts import sample_inputs
+from core.contracts import sample_inputs
 from exporters.profile import time_call
 from genserve.build import build
 from loadtests.records import load_run

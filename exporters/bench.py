@@ -15,11 +15,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from exporters.contracts import sample_inputs
+from core.contracts import sample_inputs
 from exporters.graphs import graph_module
 from exporters.onnx_export import export_family
 from exporters.profile import machine_info, time_call
-from exporters.runtime import choose_providers, make_session
+from core.runtime import choose_providers, make_session
 from families.checkpoint import CHECKPOINT_ROOT, WEIGHTS_FILE, config_to_dict, load_model
 from families.registry import FAMILIES, get_family
 

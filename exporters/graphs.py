@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from exporters.contracts import FLOW_LATENTS, GraphContract
+from core.contracts import FLOW_LATENTS, GraphContract
 
 
 class FlowSample(nn.Module):

@@ -13,10 +13,10 @@ import onnxruntime as ort
 import torch
 from torch import nn
 
-from exporters.contracts import BATCH, GraphContract, contracts_for, sample_inputs
+from core.contracts import BATCH, GraphContract, contracts_for, sample_inputs
 from exporters.graphs import graph_module
 from exporters.profile import time_call
-from exporters.runtime import ProviderChoice, make_session
+from core.runtime import ProviderChoice, make_session
 
 PARITY_BATCHES = (1, 37)     # 37: odd, so no kernel gets a tidy power-of-two batch
 PARITY_ATOL = 1e-4           # fp32 max absolute error, ORT vs torch

@@ -73,7 +73,7 @@ def machine_info() -> MachineInfo:
 def measure_latency(session, contract, batches: list[int], *, budget_s: float = 0.3,
                     seed: int = 0) -> dict[int, float]:
     """Median ms per forward of an ONNX Runtime session at each batch size, on in-domain random inputs."""
-    from exporters.contracts import sample_inputs
+    from core.contracts import sample_inputs
 
     rng = np.random.default_rng(seed)
     result = {}

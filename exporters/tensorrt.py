@@ -14,8 +14,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-from exporters.contracts import GraphContract
-from exporters.runtime import gpu_present
+from core.contracts import GraphContract
+from core.runtime import gpu_present
 
 WORKSPACE_BYTES = 1 << 30   # these models need far less; capping it keeps builds polite on shared GPUs
 
@@ -153,7 +153,7 @@ def time_engine(engine_path: Path, contract: GraphContract, batches: Sequence[in
     import numpy as np
     import torch
 
-    from exporters.contracts import sample_inputs
+    from core.contracts import sample_inputs
 
     if not torch.cuda.is_available():
         raise TensorRTUnavailable("timing engines needs a CUDA build of torch for device buffers")

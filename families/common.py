@@ -6,11 +6,7 @@ from typing import Protocol
 import torch
 from torch import nn
 
-IMAGE_SHAPE = (1, 28, 28)
-NUM_PIXELS = 28 * 28
-NUM_CLASSES = 10
-NULL_CLASS = NUM_CLASSES  # the extra class id meaning "no class": unconditional sampling and the CFG null branch
-NUM_CLASS_IDS = NUM_CLASSES + 1
+from core.contracts import IMAGE_SHAPE, NULL_CLASS, NUM_CLASS_IDS, NUM_CLASSES, NUM_PIXELS  # noqa: F401 (re-exported)
 
 
 def drop_classes(y: torch.Tensor, p: float) -> torch.Tensor:

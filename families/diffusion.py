@@ -10,8 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from core.samplers.schedule import NUM_TRAIN_TIMESTEPS, linear_alphas_cumprod
 from families.common import NULL_CLASS, NUM_CLASS_IDS, drop_classes, from_signed, to_signed
-from serving.samplers.schedule import NUM_TRAIN_TIMESTEPS, linear_alphas_cumprod
 
 
 @dataclass
@@ -160,7 +160,7 @@ DEFAULT_SAMPLING = {"sampler": "dpmpp_2m", "steps": 10, "guidance_scale": 2.0}
 def sample(model: UNet, y: torch.Tensor, generator: torch.Generator, *, sampler: str = "dpmpp_2m",
            steps: int = 10, guidance_scale: float = 2.0) -> torch.Tensor:
     """Images (B,1,28,28) uint8 for class ids y (B,), NULL_CLASS for unconditional."""
-    from serving.samplers.loop import sample as sample_loop
+    from core.samplers.loop import sample as sample_loop
 
     x_T = torch.randn((y.shape[0], 1, 28, 28), generator=generator)
     x0 = sample_loop(model, x_T, y, sampler=sampler, steps=steps, guidance_scale=guidance_scale,

@@ -9,9 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from core.contracts import LEVELS
 from families.common import NUM_CLASS_IDS, NUM_PIXELS, drop_classes
-
-LEVELS = 256
 
 
 @dataclass

@@ -21,7 +21,7 @@ import torch
 
 from exporters.onnx_export import PARITY_ATOL, export_family
 from exporters.profile import batch_ladder, machine_info, measure_latency
-from exporters.runtime import choose_providers, make_session
+from core.runtime import choose_providers, make_session
 from families.checkpoint import CARD_FILE, CHECKPOINT_ROOT, WEIGHTS_FILE, load_card, load_model
 from families.registry import FAMILIES, get_family
 from model_store import (DEFAULT_ALIAS, ExportInfo, LatencyProfile, Manifest, ModelStore, SamplingSettings,

@@ -4,7 +4,7 @@ from the intended send time); a client only speaks its protocol and reads what t
     openai       POST {url}/v1/images/generations; GET {url}/v1/models
     kserve_http  POST {url}/v2/models/{model}/infer (KServe v2 JSON: inputs class_id, seed INT64 [n];
                  the extras as parameters; output image UINT8 [n, 28, 28]); GET {url}/v2
-    kserve_grpc  the same over inference.GRPCInferenceService (serving/api/protos/open_inference.proto):
+    kserve_grpc  the same over inference.GRPCInferenceService (core/protos/open_inference.proto):
                  ModelInfer, ServerMetadata; grpc://HOST:PORT
 """
 from __future__ import annotations
@@ -198,7 +198,7 @@ HTTP_STATUS = {grpc.StatusCode.OK: 200, grpc.StatusCode.INVALID_ARGUMENT: 400, g
 def _pb():
     """genserve's generated messages, imported on first use: a process that has loaded another package
     defining the `inference` protobuf names (tritonclient.grpc does) cannot load these too."""
-    from serving.api.protos import open_inference_pb2, open_inference_pb2_grpc
+    from core.protos import open_inference_pb2, open_inference_pb2_grpc
     return open_inference_pb2, open_inference_pb2_grpc
 
 

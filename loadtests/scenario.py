@@ -27,7 +27,7 @@ DEFAULT_URLS = {"openai": "http://127.0.0.1:8000", "kserve_http": "http://127.0.
                 "kserve_grpc": "grpc://127.0.0.1:9000"}   # genserve's default ports
 ARRIVALS = ("poisson", "constant")
 QUALITIES = ("draft", "standard", "best")
-NO_CLASS = 10   # the class id that means "unconditional" (exporters.contracts.NULL_CLASS; loadtests speak only
+NO_CLASS = 10   # the class id that means "unconditional" (core.contracts.NULL_CLASS; loadtests speak only
                 # the public protocols, so the number is repeated here rather than imported)
 
 

@@ -5,7 +5,7 @@ import json
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from exporters.contracts import GraphContract
+from core.contracts import GraphContract
 
 SCHEMA = 1
 MANIFEST_FILE = "manifest.json"

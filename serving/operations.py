@@ -9,7 +9,7 @@ import zlib
 
 import numpy as np
 
-from exporters.contracts import NUM_PIXELS
+from core.contracts import NUM_PIXELS
 
 LN2 = math.log(2)
 

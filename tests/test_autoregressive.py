@@ -5,7 +5,7 @@ from pathlib import Path
 
 import torch
 
-from serving.samplers.autoregressive import (LEVELS, NUM_PIXELS, draw_uniforms, logits_at, raster_position,
+from core.samplers.autoregressive import (LEVELS, NUM_PIXELS, draw_uniforms, logits_at, raster_position,
                                              sample_pixels)
 
 torch.set_num_threads(1)

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from exporters.contracts import sample_inputs
-from exporters.runtime import make_session
+from core.contracts import sample_inputs
+from core.runtime import make_session
 from families.checkpoint import config_to_dict, load_model, save_model
 from families.registry import get_family
 from genserve.build import build, sampling_settings, version_for, checkpoint_source

@@ -10,14 +10,14 @@ import threading
 import pytest
 import torch
 
-from exporters.contracts import NULL_CLASS
+from core.contracts import NULL_CLASS
 from serving.engine import (AsyncEngine, DeadlineExceeded, DiffusionRequest, DiffusionStepper, EngineCore,
                             PixelCNNRequest, PixelCNNStepper, RequestCancelled, RequestFailed, Scheduler, Status,
                             TorchRunner)
 from serving.engine.diffusion import to_uint8
 from serving.engine.request import make_state
-from serving.samplers import linear_alphas_cumprod
-from serving.samplers.loop import sample
+from core.samplers import linear_alphas_cumprod
+from core.samplers.loop import sample
 
 torch.set_num_threads(1)
 ALPHAS = linear_alphas_cumprod()
@@ -406,7 +406,7 @@ def test_async_engine_serves_concurrent_requests_and_survives_cancellations():
 
 def test_onnx_runtime_denoiser_from_the_store_gives_batch_independent_images(tmp_path):
     from exporters.onnx_export import export_family
-    from exporters.runtime import ProviderChoice
+    from core.runtime import ProviderChoice
     from families.checkpoint import config_to_dict
     from families.diffusion import Config, build
     from model_store.manifest import Manifest, SamplingSettings

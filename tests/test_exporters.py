@@ -8,11 +8,11 @@ import onnx
 import pytest
 import torch
 
-from exporters import contracts as C
-from exporters.contracts import BATCH, GraphContract, contracts_for, sample_inputs
+from core import contracts as C
+from core.contracts import BATCH, GraphContract, contracts_for, sample_inputs
 from exporters.graphs import FlowSample, graph_module
 from exporters.onnx_export import ContractError, ParityError, check_graph, check_parity, export_family, export_onnx
-from exporters.runtime import choose_providers, make_session, tensorrt_provider_options
+from core.runtime import choose_providers, make_session, tensorrt_provider_options
 from exporters.tensorrt import BatchProfile, TensorRTUnavailable, build_engine, unavailable_reason
 from families.checkpoint import config_to_dict
 from families.registry import FAMILIES, get_family
@@ -101,13 +101,7 @@ def test_contracts_cover_every_family_and_read_sizes_from_the_config():
         contracts_for("flow", {"image_size": 32})
 
 
-def test_contract_constants_mirror_the_training_code():
-    from families import common, pixelcnn
-    from serving.samplers.schedule import NUM_TRAIN_TIMESTEPS
-
-    assert (C.IMAGE_SHAPE, C.NUM_PIXELS, C.NUM_CLASSES, C.NULL_CLASS) == \
-           (common.IMAGE_SHAPE, common.NUM_PIXELS, common.NUM_CLASSES, common.NULL_CLASS)
-    assert C.NUM_TRAIN_TIMESTEPS == NUM_TRAIN_TIMESTEPS and C.LEVELS == pixelcnn.LEVELS
+def test_flow_latent_contract_matches_the_model():
     flow = get_family("flow").build(get_family("flow").Config(hidden=8, couplings_per_stage=1))
     assert [tuple(s) for s in flow.latent_shapes()] == [s for _, s in C.FLOW_LATENTS]
 

@@ -19,7 +19,7 @@ import pytest
 import torch
 from PIL import Image
 
-from exporters.contracts import NULL_CLASS
+from core.contracts import NULL_CLASS
 from families.checkpoint import load_model
 from families.data import load_split
 from genserve.anomaly import auroc, outlier_sets

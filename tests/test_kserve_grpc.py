@@ -1,6 +1,6 @@
 """KServe v2 / Open Inference Protocol over gRPC, through Ray Serve's gRPC proxy, end to end with Triton's real
 client (tritonclient.grpc), whose generated `inference` messages are Triton's own: that they parse genserve's
-answers is the wire compatibility of serving/api/protos/open_inference.proto. Health, metadata, config,
+answers is the wire compatibility of core/protos/open_inference.proto. Health, metadata, config,
 statistics, inference on every served model with raw and with typed tensor contents, parameters, and status
 codes (NOT_FOUND, INVALID_ARGUMENT, DEADLINE_EXCEEDED, UNIMPLEMENTED), with the client's deadline cancelling
 the work on the server. The app is the session's (tests/conftest.py)."""
@@ -16,7 +16,7 @@ import tritonclient.grpc as grpcclient
 from tritonclient.grpc import model_config_pb2, service_pb2, service_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
-from exporters.contracts import NULL_CLASS
+from core.contracts import NULL_CLASS
 from serving.api.kserve_grpc import status_code
 from serving.api.openai import APIError
 from tests.helpers import APP, SERVED_FAMILIES

@@ -13,7 +13,7 @@ import pytest
 import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
-from exporters.contracts import NULL_CLASS
+from core.contracts import NULL_CLASS
 from serving.api.kserve import decode_input, parse_infer
 from serving.api.openai import APIError
 from tests.helpers import SERVED_FAMILIES, http_json

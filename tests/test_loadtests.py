@@ -303,7 +303,7 @@ GRPC_RUN = """
 import json, sys
 from concurrent import futures
 import grpc
-from serving.api.protos import open_inference_pb2 as pb, open_inference_pb2_grpc as pb_grpc
+from core.protos import open_inference_pb2 as pb, open_inference_pb2_grpc as pb_grpc
 from loadtests.records import load_run
 from loadtests.runner import run_scenario
 from loadtests.scenario import Scenario

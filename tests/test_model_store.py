@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from exporters.contracts import contracts_for
+from core.contracts import contracts_for
 from model_store import (IntegrityError, Manifest, ModelStore, NotFound, SamplingSettings, StoreError,
                          VersionExists)
 from model_store.backend import STAGING, LocalBackend, open_backend

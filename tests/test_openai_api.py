@@ -16,7 +16,7 @@ import numpy as np
 import openai
 import pytest
 
-from exporters.contracts import NULL_CLASS
+from core.contracts import NULL_CLASS
 from model_store import ModelStore
 from serving.api.classes import class_from_prompt
 from serving.api.openai import APIError, parse_image_request

@@ -7,7 +7,7 @@ from dataclasses import replace
 
 import pytest
 
-from exporters.contracts import NULL_CLASS
+from core.contracts import NULL_CLASS
 from serving.policy import (Decision, Hints, LiveState, Outcome, Policy, PolicyConfig, Rejection, ServedModel,
                             candidates_of, setting_key)
 from serving.policy.simulator import SimConfig, main, poisson_ramp, simulate, summarize, synthetic_models

@@ -7,9 +7,9 @@ import diffusers  # the numerical oracle; a test-only dependency
 import pytest
 import torch
 
-from serving.samplers import (FINAL_TIMESTEP, DPMSolverState, alphas_at, ddim_step, dpm_solver_pp_2m_step,
+from core.samplers import (FINAL_TIMESTEP, DPMSolverState, alphas_at, ddim_step, dpm_solver_pp_2m_step,
                               inference_timesteps, linear_alphas_cumprod)
-from serving.samplers.loop import classifier_free_guidance, sample
+from core.samplers.loop import classifier_free_guidance, sample
 
 # diffusers' own numpy-2 deprecation noise, not ours
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")

@@ -7,7 +7,7 @@ import asyncio
 import numpy as np
 import pytest
 
-from exporters.contracts import contracts_for
+from core.contracts import contracts_for
 from serving.config import AppArgs, IterativeConfig, ModelEntry, OnePassConfig
 from serving.onepass.batcher import BatchShapeError, ImageBatcher
 from serving.onepass.inputs import draw_inputs, to_images

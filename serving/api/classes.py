@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 
-from exporters.contracts import NULL_CLASS
+from core.contracts import NULL_CLASS
 
 CLASS_NAMES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
                "Ankle boot")  # index = class id, as in the dataset

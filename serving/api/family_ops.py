@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from exporters.contracts import IMAGE_SHAPE, NULL_CLASS
+from core.contracts import IMAGE_SHAPE, NULL_CLASS
 from serving.api.classes import CLASS_NAMES, class_from_prompt, class_list
 from serving.api.jobs import (GenerationResult, ImagesJob, InterpolationJob, LikelihoodResult,
                               ReconstructionResult)

@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from exporters.contracts import IMAGE_SHAPE
+from core.contracts import IMAGE_SHAPE
 from serving.api.jobs import GenerationJob, ModelInfo, PolicyHints
 from serving.api.openai import (AUTO, MAX_N, POLICY_HINTS, APIError, check_class_id, check_seed, policy_hints,
                                 resolve_model, sampling_options)

@@ -1,5 +1,5 @@
 """KServe v2 / Open Inference Protocol over gRPC: the inference.GRPCInferenceService methods of
-serving/api/protos/open_inference.proto, as methods of the ingress (Ingress inherits GRPCInferenceService).
+core/protos/open_inference.proto, as methods of the ingress (Ingress inherits GRPCInferenceService).
 
 Ray Serve's gRPC proxy (grpc_options in deploy/serve_config.yaml registers the generated
 add_GRPCInferenceServiceServicer_to_server) calls the ingress method named after the RPC with the request
@@ -29,7 +29,7 @@ logger = logging.getLogger("ray.serve")
 
 @functools.cache
 def _pb():
-    from serving.api.protos import open_inference_pb2
+    from core.protos import open_inference_pb2
     return open_inference_pb2
 
 

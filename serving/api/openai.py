@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from exporters.contracts import IMAGE_SHAPE, NULL_CLASS, NUM_TRAIN_TIMESTEPS
+from core.contracts import IMAGE_SHAPE, NULL_CLASS, NUM_TRAIN_TIMESTEPS
 from serving.api.classes import CLASS_NAMES, class_from_prompt, class_list
 from serving.api.jobs import GenerationJob, GenerationResult, ModelInfo, PolicyHints
 from serving.api.png import encode_png, upscale
@@ -28,7 +28,7 @@ from serving.api.png import encode_png, upscale
 MAX_N = 16                      # images per request, as the API promises
 MAX_UPSCALE = 16                # sizes up to 448x448
 MAX_SEED = 2**64 - 1            # the engine's range (torch.Generator.manual_seed); numpy takes it too
-SAMPLERS = ("ddim", "dpmpp_2m")  # mirrors serving.samplers.loop.SAMPLERS, which the engine re-checks
+SAMPLERS = ("ddim", "dpmpp_2m")  # mirrors core.samplers.loop.SAMPLERS, which the engine re-checks
 AUTO = "auto"                   # `model`: the latency/quality policy picks the model and its settings
 ITERATIVE_EXTRAS = {"diffusion": ("sampler", "steps", "guidance_scale")}  # family -> extras it takes
 TIERS = ("draft", "standard", "best")  # mirrors serving.policy.TIERS (the policy stays out of the API layer)

@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import torch
 
-from exporters.contracts import NULL_CLASS
+from core.contracts import NULL_CLASS
 from serving.engine.request import DiffusionState
 from serving.engine.runner import DenoiseRunner
 from serving.engine.scheduler import StepPlan
-from serving.samplers import (FINAL_TIMESTEP, DPMSolverState, alphas_at, ddim_step, dpm_solver_pp_2m_step,
+from core.samplers import (FINAL_TIMESTEP, DPMSolverState, alphas_at, ddim_step, dpm_solver_pp_2m_step,
                               linear_alphas_cumprod)
-from serving.samplers.loop import classifier_free_guidance
+from core.samplers.loop import classifier_free_guidance
 
 
 def to_uint8(x0: torch.Tensor) -> torch.Tensor:

@@ -9,7 +9,7 @@ import torch
 from serving.engine.request import PixelCNNState
 from serving.engine.runner import LogitsRunner
 from serving.engine.scheduler import StepPlan
-from serving.samplers.autoregressive import IMAGE_SIZE, draw_uniforms, logits_at, sample_pixels
+from core.samplers.autoregressive import IMAGE_SIZE, draw_uniforms, logits_at, sample_pixels
 
 
 class PixelCNNStepper:

@@ -9,11 +9,11 @@ from enum import Enum
 
 import torch
 
-from exporters.contracts import NULL_CLASS, NUM_TRAIN_TIMESTEPS
-from serving.samplers.autoregressive import NUM_PIXELS
-from serving.samplers.dpm_solver import DPMSolverState
-from serving.samplers.loop import SAMPLERS
-from serving.samplers.schedule import inference_timesteps
+from core.contracts import NULL_CLASS, NUM_TRAIN_TIMESTEPS
+from core.samplers.autoregressive import NUM_PIXELS
+from core.samplers.dpm_solver import DPMSolverState
+from core.samplers.loop import SAMPLERS
+from core.samplers.schedule import inference_timesteps
 
 MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed's range
 

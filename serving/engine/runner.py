@@ -9,8 +9,8 @@ from typing import Protocol
 import numpy as np
 import torch
 
-from exporters.contracts import GraphContract
-from exporters.runtime import ProviderChoice, make_session
+from core.contracts import GraphContract
+from core.runtime import ProviderChoice, make_session
 from model_store.store import LoadedVersion, ModelStore
 
 

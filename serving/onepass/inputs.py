@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from exporters.contracts import BATCH, Domain, GraphContract
+from core.contracts import BATCH, Domain, GraphContract
 
 
 def draw_inputs(contract: GraphContract, class_id: int, n: int, seed: int,

@@ -14,7 +14,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from exporters.contracts import IMAGE_SHAPE, NULL_CLASS
+from core.contracts import IMAGE_SHAPE, NULL_CLASS
 from model_store.manifest import Manifest
 from serving.config import ITERATIVE_GRAPH, ONE_PASS_GRAPH
 

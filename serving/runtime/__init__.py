@@ -1,5 +1,5 @@
 """What a replica runs: a served model's graphs, loaded from the model store (every hash verified) into
-ONNX Runtime sessions on the providers exporters.runtime chooses (TensorRT -> CUDA -> CPU)."""
+ONNX Runtime sessions on the providers core.runtime chooses (TensorRT -> CUDA -> CPU)."""
 
 from serving.runtime.sessions import GraphSession, LoadedModel, load_model, threads_for
 

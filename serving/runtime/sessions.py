@@ -1,4 +1,4 @@
-"""A thin layer over exporters.runtime for serving: load `name@version|alias` from the store (hashes
+"""A thin layer over core.runtime for serving: load `name@version|alias` from the store (hashes
 verified), open ONNX Runtime sessions on the graph the model samples with and on the graphs of its
 family's own operations (vae.encode, flow.log_prob) where asked, from the verified bytes, and feed them
 by contract.
@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnxruntime as ort
 
-from exporters.contracts import GraphContract
-from exporters.runtime import ProviderChoice, choose_providers, make_session, tensorrt_provider_options
+from core.contracts import GraphContract
+from core.runtime import ProviderChoice, choose_providers, make_session, tensorrt_provider_options
 from model_store.errors import IntegrityError
 from model_store.manifest import Manifest
 from model_store.store import ModelStore

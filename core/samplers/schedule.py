@@ -6,7 +6,7 @@ x_t = sqrt(ᾱ_t) x_0 + sqrt(1 - ᾱ_t) ε.
 
 import torch
 
-NUM_TRAIN_TIMESTEPS = 1000
+from core.contracts import NUM_TRAIN_TIMESTEPS
 
 # Stands for "after the last step": clean data, ᾱ = 1 (diffusers' set_alpha_to_one=True).
 FINAL_TIMESTEP = -1

@@ -12,13 +12,14 @@ from typing import Any
 
 import numpy as np
 
-# Mirrors of families.common / serving.samplers.schedule, kept here so serving can read contracts without
-# importing torch code; tests/test_exporters.py checks they agree.
-IMAGE_SHAPE = (1, 28, 28)
-NUM_PIXELS = 28 * 28
+# The image, class and timestep conventions every layer shares: training, export, store and serving.
+IMAGE_SIZE = 28
+IMAGE_SHAPE = (1, IMAGE_SIZE, IMAGE_SIZE)
+NUM_PIXELS = IMAGE_SIZE * IMAGE_SIZE
 NUM_CLASSES = 10
 NULL_CLASS = NUM_CLASSES          # the "no class" id: unconditional sampling and the CFG null branch
-NUM_TRAIN_TIMESTEPS = 1000
+NUM_CLASS_IDS = NUM_CLASSES + 1   # embedding rows: the classes and NULL_CLASS
+NUM_TRAIN_TIMESTEPS = 1000        # the diffusion model's training noise schedule length
 LEVELS = 256                      # PixelCNN intensities
 
 BATCH = "batch"                   # name of the dynamic leading axis in every graph
@@ -173,7 +174,7 @@ def sample_inputs(contract: GraphContract, batch: int, rng: np.random.Generator)
 
 
 def markdown_table(config_by_family: dict[str, dict[str, Any]] | None = None) -> str:
-    """The contracts as a markdown table, for docs: `python -m exporters.contracts` (the shipped models' configs)."""
+    """The contracts as a markdown table, for docs: `python -m core.contracts` (the shipped models' configs)."""
     def fmt(t: TensorSpec) -> str:
         return f"{t.name} [{','.join('B' if d == BATCH else str(d) for d in t.shape)}] {t.dtype} ({t.domain.value})"
 

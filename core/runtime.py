@@ -9,7 +9,7 @@ from typing import Any, Sequence
 
 import onnxruntime as ort
 
-from exporters.contracts import GraphContract
+from core.contracts import GraphContract
 
 PREFERENCE = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
 

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
-from serving.samplers.schedule import per_sample
+from core.samplers.schedule import per_sample
 
 
 @dataclass

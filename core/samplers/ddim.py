@@ -2,7 +2,7 @@
 
 import torch
 
-from serving.samplers.schedule import per_sample
+from core.samplers.schedule import per_sample
 
 
 def ddim_step(x_t: torch.Tensor, eps: torch.Tensor, alpha_t: torch.Tensor, alpha_prev: torch.Tensor,

@@ -8,9 +8,9 @@ from collections.abc import Callable
 
 import torch
 
-from serving.samplers.ddim import ddim_step
-from serving.samplers.dpm_solver import DPMSolverState, dpm_solver_pp_2m_step
-from serving.samplers.schedule import FINAL_TIMESTEP, alphas_at, inference_timesteps, linear_alphas_cumprod, per_sample
+from core.samplers.ddim import ddim_step
+from core.samplers.dpm_solver import DPMSolverState, dpm_solver_pp_2m_step
+from core.samplers.schedule import FINAL_TIMESTEP, alphas_at, inference_timesteps, linear_alphas_cumprod, per_sample
 
 SAMPLERS = ("ddim", "dpmpp_2m")
 

@@ -8,9 +8,7 @@ it is batched with.
 
 import torch
 
-IMAGE_SIZE = 28                       # images are [1, 28, 28]
-NUM_PIXELS = IMAGE_SIZE * IMAGE_SIZE  # one step per pixel
-LEVELS = 256                          # intensities 0..255
+from core.contracts import IMAGE_SIZE, LEVELS, NUM_PIXELS  # one step per pixel, raster order
 
 
 def raster_position(step: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
