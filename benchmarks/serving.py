@@ -66,7 +66,7 @@ def _deployment(name: str, num_cpus: float, user_config: dict | None = None) -> 
 def genserve_app(name: str, prefix: str, store: str, model: str, batching: str) -> dict[str, Any]:
     """One application of genserve's config serving one model on one CPU; the request-level baseline runs
     without genserve's admission control, as a plain Ray Serve app would."""
-    from serving.app import load_config
+    from genserve.launch import load_config
 
     app = dict(load_config()["applications"][0])
     config = {d["name"]: d.get("user_config") for d in app["deployments"]}
@@ -83,11 +83,11 @@ def serving(apps: list[dict[str, Any]], port: int = 8000) -> Iterator[str]:
     import ray
     from ray import serve
 
-    from serving.app import deploy, init_ray
+    from genserve.launch import deploy_local, start_local_ray
 
-    init_ray(num_cpus=2, log_to_driver=False)
+    start_local_ray(num_cpus=2, log_to_driver=False)
     try:
-        deploy({"proxy_location": "EveryNode", "http_options": {"host": "127.0.0.1", "port": port},
+        deploy_local({"proxy_location": "EveryNode", "http_options": {"host": "127.0.0.1", "port": port},
                 "applications": apps}, timeout_s=300)
         yield f"http://127.0.0.1:{port}"
     finally:
@@ -98,7 +98,7 @@ def serving(apps: list[dict[str, Any]], port: int = 8000) -> Iterator[str]:
 def engine_stats(app: str, model: str) -> dict[str, Any]:
     from ray import serve
 
-    return serve.get_deployment_handle(model, app_name=app).stats.remote().result(timeout_s=60)
+    return vars(serve.get_deployment_handle(model, app_name=app).metrics.remote().result(timeout_s=60))
 
 
 def metrics_url() -> str:

@@ -1,20 +1,27 @@
-"""`genserve up`: bring the local store up to date with the shipped weights (`genserve build`, a no-op when
-it is current), then serve it from deploy/serve_config.yaml on an embedded local Ray until Ctrl-C.
+"""`genserve up`: serve deploy/serve_config.yaml until Ctrl-C.
 
-The Serve config is the same file `serve run` / `serve deploy` / KubeRay use; `up` only adapts it to this
-machine: the local store (absolute), the models that store has, and --host / --port."""
+- Alone (the default): bring the local store up to date with the shipped weights (`genserve build`, a no-op
+  when it is current), start an embedded Ray of its own — never one that `ray start` left on this machine —
+  and serve the models that store has, on 127.0.0.1 unless --host says otherwise. Ctrl-C (or SIGTERM) at any
+  moment, start-up included, stops Serve and that Ray within seconds: no Ray process or port is left behind.
+- With --address (a running cluster's dashboard, e.g. http://head:8265): submit the config to its Serve REST
+  API, the way `serve deploy` and KubeRay do, wait until it runs, and follow it; Ctrl-C removes the
+  application again and leaves the cluster as it was. The store must be one every node reads (--store or
+  the config's args.store: an absolute path on shared storage or an s3:// URI).
+
+The config is the same file `serve run` / `serve deploy` / KubeRay use; `up` only adapts it to where it runs."""
 from __future__ import annotations
 
 import argparse
 import os
 import signal
 import socket
-import threading
 import time
 from pathlib import Path
 from typing import Any
 
 DEFAULT_PORT = 8000
+DEFAULT_HOST = "127.0.0.1"   # a laptop's server is not the network's: --host 0.0.0.0 opens it
 
 
 def _requested_cpus(config: dict[str, Any]) -> float:
@@ -31,7 +38,23 @@ def _check_port_free(host: str, port: int) -> None:
             raise RuntimeError(f"cannot serve on {host}:{port}: {exc.strerror}; pass --port") from None
 
 
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt  # SIGTERM stops `up` the way Ctrl-C does, wherever it is
+
+
 def run_up(args: argparse.Namespace) -> None:
+    signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        if args.address:
+            _up_on_cluster(args)
+        else:
+            _up_alone(args)
+    except KeyboardInterrupt:
+        pass
+    print("genserve: stopped")
+
+
+def _up_alone(args: argparse.Namespace) -> None:
     from model_store.store import ModelStore
 
     store = ModelStore.open(args.store)
@@ -45,29 +68,26 @@ def run_up(args: argparse.Namespace) -> None:
     import ray
     from ray import serve
 
-    from serving.app import deploy, init_ray, load_config, serve_only_what_the_store_has
+    from genserve.launch import deploy_local, load_config, on_one_node, serve_only_what_the_store_has, start_local_ray
 
-    config, dropped = serve_only_what_the_store_has(load_config(args.config), store.uri)
+    config, dropped = serve_only_what_the_store_has(on_one_node(load_config(args.config)), store.uri)
     if dropped:
         print(f"genserve: not in the store, not served: {', '.join(dropped)} (train them, then `genserve build`)")
     models = [m if isinstance(m, str) else m["ref"] for app in config["applications"] for m in app["args"]["models"]]
     if not models:
         raise RuntimeError(f"store {store.uri} has none of the models {args.config} serves; run `genserve build`")
     http = config.setdefault("http_options", {})
-    http["host"] = args.host or http.get("host", "127.0.0.1")
+    http["host"] = args.host or DEFAULT_HOST
     http["port"] = args.port or http.get("port", DEFAULT_PORT)
     _check_port_free(http["host"], http["port"])
 
     # Ray's CPUs are a scheduling budget: reserve what the config asks even on a laptop with fewer cores
     # (ONNX Runtime's threads still follow each replica's num_cpus).
     cpus = max(float(os.cpu_count() or 1), _requested_cpus(config))
-    stop = threading.Event()
-    init_ray(num_cpus=cpus)
     try:
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, lambda *_: stop.set())
         started = time.perf_counter()
-        deploy(config, timeout_s=args.timeout)
+        start_local_ray(num_cpus=cpus)
+        deploy_local(config, timeout_s=args.timeout)
         where = f"http://{'127.0.0.1' if http['host'] in ('0.0.0.0', '::') else http['host']}:{http['port']}"
         print(f"genserve: serving {', '.join(models)} at {where}/v1 "
               f"(ready in {time.perf_counter() - started:.0f} s); Ctrl-C stops")
@@ -77,24 +97,54 @@ def run_up(args: argparse.Namespace) -> None:
         print(f"  curl -s {where}/v1/models")
         print(f"  curl -s {where}/v1/images/generations -H 'content-type: application/json' "
               "-d '{\"model\": \"auto\", \"prompt\": \"sneaker\", \"n\": 2, \"latency_slo_ms\": 500}'")
-        while not stop.wait(1.0):
-            pass
-        print("genserve: stopping")
+        while True:
+            time.sleep(1.0)
     finally:
-        serve.shutdown()
-        ray.shutdown()
-    print("genserve: stopped")
+        # Ctrl-C again while stopping must not leave Ray behind: ignore it until Ray is down
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        print("genserve: stopping")
+        try:
+            if ray.is_initialized():
+                serve.shutdown()
+        finally:
+            ray.shutdown()  # also when Ctrl-C came inside ray.init: it stops the processes started so far
+
+
+def _up_on_cluster(args: argparse.Namespace) -> None:
+    from genserve.launch import APP_IMPORT_PATH, delete_from_cluster, deploy_to_cluster, load_config
+
+    config = load_config(args.config)
+    for app in config["applications"]:
+        if app.get("import_path") == APP_IMPORT_PATH and args.store:
+            app.setdefault("args", {})["store"] = args.store
+    if args.host or args.port:
+        config.setdefault("http_options", {}).update({k: v for k, v in (("host", args.host), ("port", args.port)) if v})
+    try:
+        started = time.perf_counter()
+        deploy_to_cluster(config, args.address, timeout_s=args.timeout)
+        print(f"genserve: deployed {args.config} to the cluster at {args.address} "
+              f"(running in {time.perf_counter() - started:.0f} s); every node's proxy serves it on port "
+              f"{config.get('http_options', {}).get('port', DEFAULT_PORT)}; Ctrl-C removes it")
+        while True:
+            time.sleep(1.0)
+    finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        print("genserve: removing the application from the cluster")
+        delete_from_cluster(args.address)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add `genserve up` to the top-level command's subparsers."""
     from serving.config import DEFAULT_CONFIG
 
-    p = subparsers.add_parser("up", help="build the local store if needed, then serve it over HTTP (Ctrl-C stops)")
+    p = subparsers.add_parser("up", help="serve the models (an embedded Ray, or --address a cluster) until Ctrl-C")
     p.add_argument("--store", default=None, metavar="PATH_OR_URI",
-                   help="model store (default: $GENSERVE_STORE, else ./model_store_data)")
+                   help="model store (default: $GENSERVE_STORE, else ./model_store_data; on a cluster, the config's)")
     p.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="the Serve config (default: %(default)s)")
-    p.add_argument("--host", default=None, help="HTTP host (default: the config's, 0.0.0.0)")
+    p.add_argument("--address", default=None, metavar="DASHBOARD_URL",
+                   help="deploy to the running Ray cluster whose dashboard is here (e.g. http://head:8265), as "
+                        "`serve deploy` does, instead of starting an embedded Ray")
+    p.add_argument("--host", default=None, help=f"HTTP host (default: {DEFAULT_HOST}; the config's on a cluster)")
     p.add_argument("--port", type=int, default=None, help=f"HTTP port (default: the config's, {DEFAULT_PORT})")
     p.add_argument("--no-build", action="store_true", help="serve the store as it is, without `genserve build`")
     p.add_argument("--quiet-build", action="store_true", help="print only the build's summary")

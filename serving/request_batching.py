@@ -18,8 +18,8 @@ import asyncio
 import numpy as np
 from ray import serve
 
-from serving.app import IterativeDeployment
 from serving.config import IterativeConfig, OnePassConfig
+from serving.engine.deployment import IterativeDeployment
 from serving.onepass.deployment import OnePassDeployment
 
 # How long an iterative batch waits for more requests: a few ms, like the one-pass default, is small next to

@@ -39,9 +39,9 @@ def server(served_store):
     import ray
     from ray import serve
 
-    from serving.app import deploy, init_ray, load_config, serve_only_what_the_store_has
+    from genserve.launch import deploy_local, load_config, on_one_node, serve_only_what_the_store_has, start_local_ray
 
-    config, dropped = serve_only_what_the_store_has(load_config(), served_store.uri)
+    config, dropped = serve_only_what_the_store_has(on_one_node(load_config()), served_store.uri)
     assert dropped == []
     port, grpc_port, metrics_port = free_port(), free_port(), free_port()
     config["http_options"] = {"host": "127.0.0.1", "port": port}
@@ -49,12 +49,12 @@ def server(served_store):
     for d in config["applications"][0]["deployments"]:
         if d["name"] in ONE_PASS:
             d["user_config"] = {"max_batch_images": MAX_BATCH, "max_wait_ms": MAX_WAIT_MS}
-        if d["name"] != "Ingress":
-            d["ray_actor_options"] = {"num_cpus": 0.4}   # 5 models x 0.4 = the 2 CPUs given to Ray
-    init_ray(num_cpus=2, log_to_driver=False, _metrics_export_port=metrics_port,
+        # 5 models x 0.4 = the 2 CPUs given to Ray; the ingress reserves none here
+        d["ray_actor_options"] = {"num_cpus": 0 if d["name"] == "Ingress" else 0.4}
+    start_local_ray(num_cpus=2, log_to_driver=False, _metrics_export_port=metrics_port,
              _system_config={"metrics_report_interval_ms": METRICS_EXPORT_MS})
     try:
-        deploy(config, timeout_s=240)
+        deploy_local(config, timeout_s=240)
         yield {"url": f"http://127.0.0.1:{port}", "grpc": f"127.0.0.1:{grpc_port}", "config": config,
                "metrics_port": metrics_port}
     finally:

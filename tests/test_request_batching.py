@@ -29,7 +29,7 @@ def images(body: dict) -> list:
 
 @pytest.fixture(scope="module")
 def baseline(server):
-    from serving.app import deploy
+    from genserve.launch import deploy_local
 
     config = copy.deepcopy(server["config"])
     app = copy.deepcopy(config["applications"][0])
@@ -39,11 +39,11 @@ def baseline(server):
     app["deployments"] = [{**d, "ray_actor_options": {"num_cpus": 0}}  # the session app holds Ray's CPUs
                           for d in app["deployments"] if d["name"] in ("Ingress", "gan", "diffusion")]
     config["applications"].append(app)
-    deploy(config, timeout_s=240)
+    deploy_local(config, timeout_s=240)
     try:
         yield server["url"] + "/baseline/v1/images/generations"
     finally:
-        deploy(server["config"], timeout_s=240)   # back to the session's one application
+        deploy_local(server["config"], timeout_s=240)   # back to the session's one application
 
 
 def test_the_baseline_serves_the_same_images(server, baseline):

@@ -9,7 +9,8 @@ import torch
 
 from core.samplers import (FINAL_TIMESTEP, DPMSolverState, alphas_at, ddim_step, dpm_solver_pp_2m_step,
                               inference_timesteps, linear_alphas_cumprod)
-from core.samplers.loop import classifier_free_guidance, sample
+from core.samplers import classifier_free_guidance
+from core.samplers.loop import sample
 
 # diffusers' own numpy-2 deprecation noise, not ours
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")

@@ -16,8 +16,8 @@ from typing import Any
 from ray.serve.handle import DeploymentHandle
 
 from model_store.manifest import Manifest
-from serving.api.jobs import GenerationJob, PolicyHints
-from serving.api.openai import APIError
+from serving.api.jobs import GenerationJob, PolicyHints, ReplicaLoad
+from serving.api.errors import APIError
 from serving.policy import Decision, Hints, LiveState, Outcome, Policy, PolicyConfig, Rejection, ServedModel
 
 LIVE_PERIOD_S = 0.2    # how often replicas' load is read: a diffusion step at full batch is ~0.15 s here
@@ -63,23 +63,7 @@ class Admission:
         while True:
             names = [n for n in handles if n in self.policy.loads]
             results = await asyncio.gather(*(handles[n].stats.remote() for n in names), return_exceptions=True)
-            for name, stats in zip(names, results):
-                if isinstance(stats, dict):
-                    self.policy.observe_live(name, live_state(stats, time.monotonic()))
+            for name, load in zip(names, results):
+                if isinstance(load, ReplicaLoad):  # else the replica is down or restarting: skip this read
+                    self.policy.observe_live(name, LiveState(time.monotonic(), **dataclasses.asdict(load)))
             await asyncio.sleep(LIVE_PERIOD_S)
-
-
-def live_state(stats: dict[str, Any], now: float) -> LiveState:
-    """A replica's stats() -> the policy's LiveState: the step engine's (serving.engine.metrics) or the
-    one-pass batcher's."""
-    if "running" in stats:
-        return LiveState(now, running_units=stats["rows"], running_requests=stats["running"],
-                         running_steps=stats["steps_in_flight"], queued_units=stats["rows_queued"],
-                         queued_requests=stats["queue_length"], queued_steps=stats["steps_queued"],
-                         budget=stats["max_rows"] or None)
-    return LiveState(now, running_units=stats["in_flight_images"], running_requests=int(stats["in_flight_images"] > 0),
-                     running_steps=float(stats["in_flight_images"] > 0), queued_units=stats["queued_images"],
-                     queued_requests=int(stats["queued_images"] > 0), queued_steps=float(stats["queued_images"] > 0),
-                     budget=stats["max_batch_images"])
-
-

@@ -17,17 +17,18 @@ from serving.api.http import api, logger
 from model_store.manifest import Manifest
 from serving.api.admission import SAMPLING_FIELDS, Admission, Outcome
 from serving.api.jobs import GenerationJob, GenerationResult, ImagesJob, InterpolationJob, PolicyHints
-from serving.api.openai import AUTO, APIError
+from serving.api.errors import APIError
 from serving.api import family_routes, kserve_http, openai_routes, playground
 from serving.api.kserve import OpenInference
 from serving.api.kserve_grpc import GRPCInferenceService
+from serving.api.validation import AUTO
+from serving.errors import DeadlineExceeded, EngineStopped, RequestCancelled
 from serving.observability import note_model, observe_model_call, record_decision
 
-# Errors a model deployment raises on purpose, by class name: the iterative engine's live in serving.engine,
-# which imports torch, and the ingress stays torch-free.
-_REQUEST_ERRORS = {"DeadlineExceeded": (504, "timeout_error", "deadline_exceeded"),
-                   "RequestCancelled": (503, "server_error", "request_cancelled"),
-                   "EngineStopped": (503, "server_error", "engine_stopped")}
+# Errors a model deployment raises on purpose (serving.errors, torch-free) -> status, error type, code
+_REQUEST_ERRORS = {DeadlineExceeded: (504, "timeout_error", "deadline_exceeded"),
+                   RequestCancelled: (503, "server_error", "request_cancelled"),
+                   EngineStopped: (503, "server_error", "engine_stopped")}
 
 api.include_router(openai_routes.router)
 api.include_router(family_routes.router)
@@ -113,9 +114,9 @@ class Ingress(GRPCInferenceService):  # gRPC: Serve's proxy calls the method nam
                            code="request_cancelled") from None
         except Exception as exc:
             cause = getattr(exc, "cause", None) or exc  # a RayTaskError carries the replica's exception
-            if type(cause).__name__ in _REQUEST_ERRORS:
-                status, kind, code = _REQUEST_ERRORS[type(cause).__name__]
-                raise APIError(status, str(cause), type=kind, code=code) from None
+            for error, (status, kind, code) in _REQUEST_ERRORS.items():
+                if isinstance(cause, error):
+                    raise APIError(status, str(cause), type=kind, code=code) from None
             if isinstance(cause, ValueError):  # a check the deployment makes (the API checks first)
                 raise APIError(400, str(cause)) from None
             logger.exception("genserve ingress: %s failed", model)

@@ -44,6 +44,21 @@ class GenerationResult:
     replica_ms: float           # from the job reaching the replica to its images being ready
     settings: dict              # the sampling settings used (e.g. sampler, steps, guidance_scale, temperature)
     policy: dict | None = None  # the ingress's account of the policy's choice (serving.api.admission)
+    node: str = ""              # IP address of the Ray node whose replica made them
+
+
+@dataclass(frozen=True)
+class ReplicaLoad:
+    """A model replica's live load, as its stats() reports it to the ingress's admission a few times a second.
+    Units are rows of the step engine's batch (a guided image takes two) or images of the one-pass batcher."""
+
+    running_units: int = 0      # rows in the step batch / images in the forward in flight
+    running_requests: int = 0
+    running_steps: float = 0.0  # steps the running requests still need, summed over them (one-pass: 1)
+    queued_units: int = 0       # rows / images waiting to start
+    queued_requests: int = 0
+    queued_steps: float = 0.0   # steps the waiting requests need, summed over them
+    budget: int | None = None   # the live row / image budget (reconfigure changes it); None: unknown
 
 
 @dataclass(frozen=True)

@@ -12,10 +12,7 @@ import torch
 
 from serving.engine.engine import EngineCore
 from serving.engine.request import Request, RequestOutput
-
-
-class EngineStopped(RuntimeError):
-    """The engine loop ended while the request was still in it."""
+from serving.errors import EngineStopped
 
 
 class AsyncEngine:

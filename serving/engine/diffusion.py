@@ -11,12 +11,11 @@ from __future__ import annotations
 import torch
 
 from core.contracts import NULL_CLASS
+from core.samplers import (FINAL_TIMESTEP, SAMPLERS, StepRows, alphas_at, classifier_free_guidance,
+                           linear_alphas_cumprod)
 from serving.engine.request import DiffusionState
 from serving.engine.runner import DenoiseRunner
 from serving.engine.scheduler import StepPlan
-from core.samplers import (FINAL_TIMESTEP, DPMSolverState, alphas_at, ddim_step, dpm_solver_pp_2m_step,
-                              linear_alphas_cumprod)
-from core.samplers.loop import classifier_free_guidance
 
 
 def to_uint8(x0: torch.Tensor) -> torch.Tensor:
@@ -65,51 +64,35 @@ class DiffusionStepper:
         alpha_t, alpha_prev = alphas_at(self.alphas_cumprod, t), alphas_at(self.alphas_cumprod, t_prev)
         offsets = torch.tensor([0] + [s.request.n for s in states]).cumsum(0).tolist()  # request i: images [o_i, o_i+1)
 
-        for sampler in ("ddim", "dpmpp_2m"):
-            members = [i for i, s in enumerate(states) if s.request.sampler == sampler]
+        last = torch.cat([torch.full((s.request.n,), s.steps_done == s.steps_total - 1) for s in states])  # [N]
+        eta = torch.cat([torch.full((s.request.n,), float(s.request.eta), dtype=torch.float64) for s in states])
+        for name, sampler in SAMPLERS.items():
+            members = [i for i, s in enumerate(states) if s.request.sampler == name]
             if not members:
                 continue
+            group = [states[i] for i in members]
             idx = torch.cat([torch.arange(offsets[i], offsets[i + 1]) for i in members])
-            if sampler == "ddim":
-                x_new = self._ddim(x[idx], eps[idx], alpha_t[idx], alpha_prev[idx], [states[i] for i in members],
-                                   self.clip_x0)
-            else:
-                x_new = self._dpm(x[idx], eps[idx], alpha_t[idx], alpha_prev[idx], [states[i] for i in members],
-                                  self.clip_x0)
+            rows = StepRows(alpha_t[idx], alpha_prev[idx], last[idx], eta[idx], _step_noise(group))
+            x_new, history = sampler.step(x[idx], eps[idx], rows, sampler.state.cat([s.solver for s in group]),
+                                          self.clip_x0)
             start = 0
-            for i in members:
-                n = states[i].request.n
-                states[i].x = x_new[start:start + n]
-                start += n
-
-    @staticmethod
-    def _ddim(x, eps, alpha_t, alpha_prev, states: list[DiffusionState], clip_x0: bool) -> torch.Tensor:
-        """DDIM on the images of `states` (x, eps [M, 1, 28, 28]; alphas [M]). Noise for eta > 0 comes from
-        each request's own generator, one randn([n, 1, 28, 28]) per step, as loop.sample draws it."""
-        eta = torch.cat([torch.full((s.request.n,), float(s.request.eta), dtype=torch.float64) for s in states])
-        noise = None
-        if any(s.request.eta > 0 for s in states):
-            noise = torch.cat([torch.randn(s.x.shape, generator=s.generator) if s.request.eta > 0
-                               else torch.zeros_like(s.x) for s in states])  # σ = 0 rows add exactly 0
-        return ddim_step(x, eps, alpha_t, alpha_prev, eta, noise, clip_x0=clip_x0)
-
-    @staticmethod
-    def _dpm(x, eps, alpha_t, alpha_prev, states: list[DiffusionState], clip_x0: bool) -> torch.Tensor:
-        """DPM-Solver++(2M) on the images of `states`; each request's history is cat'ed in and split back out."""
-        # the last step is first order, as loop.sample and diffusers' lower_order_final default
-        last = torch.cat([torch.full((s.request.n,), s.steps_done == s.steps_total - 1) for s in states])
-        x_new, history = dpm_solver_pp_2m_step(x, eps, alpha_t, alpha_prev,
-                                               DPMSolverState.cat([s.solver for s in states]), last,
-                                               clip_x0=clip_x0)
-        start = 0
-        for s in states:
-            s.solver = history[start:start + s.request.n]
-            start += s.request.n
-        return x_new
+            for s in group:  # each request's images and sampler history, split back out
+                s.x, s.solver = x_new[start:start + s.request.n], history[start:start + s.request.n]
+                start += s.request.n
 
     def images(self, state: DiffusionState) -> torch.Tensor:
         """Runs when a request finishes: its x_0 as uint8 [n, 1, 28, 28]."""
         return to_uint8(state.x)
+
+
+def _step_noise(states: list[DiffusionState]) -> torch.Tensor | None:
+    """Step noise for stochastic (eta > 0) requests, from each one's own generator: one randn([n, 1, 28, 28])
+    per step, as loop.sample draws it; rows with eta = 0 get zeros (σ = 0 adds exactly 0). None when no
+    request needs any."""
+    if not any(s.request.eta > 0 for s in states):
+        return None
+    return torch.cat([torch.randn(s.x.shape, generator=s.generator) if s.request.eta > 0 else torch.zeros_like(s.x)
+                      for s in states])
 
 
 def _next_timestep(s: DiffusionState) -> int:

@@ -1,19 +1,20 @@
 """What a client asks for (immutable, validated request types), what the engine tracks for it while it
-runs (per-request state), how it ended (output), and the errors its waiter sees."""
+runs (its tensors and generator, on top of state.py's torch-free bookkeeping), how it ended (output), and
+the errors its waiter sees."""
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from enum import Enum
+from typing import Any
 
 import torch
 
 from core.contracts import NULL_CLASS, NUM_TRAIN_TIMESTEPS
-from core.samplers.autoregressive import NUM_PIXELS
-from core.samplers.dpm_solver import DPMSolverState
-from core.samplers.loop import SAMPLERS
-from core.samplers.schedule import inference_timesteps
+from core.contracts import NUM_PIXELS
+from core.samplers import SAMPLERS, inference_timesteps
+from serving.engine.state import RequestState, Status  # noqa: F401 (Status re-exported)
+from serving.errors import DeadlineExceeded, RequestAborted, RequestCancelled, RequestFailed  # noqa: F401 (re-exported)
 
 MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed's range
 
@@ -52,14 +53,14 @@ class DiffusionRequest:
     def __post_init__(self):
         _check_common(self.class_id, self.seed, self.n, self.deadline)
         if self.sampler not in SAMPLERS:
-            raise ValueError(f"sampler must be one of {SAMPLERS}, got {self.sampler!r}")
+            raise ValueError(f"sampler must be one of {tuple(SAMPLERS)}, got {self.sampler!r}")
         if not _int_in(self.steps, 1, NUM_TRAIN_TIMESTEPS):
             raise ValueError(f"steps must be an integer in [1, {NUM_TRAIN_TIMESTEPS}], got {self.steps!r}")
         if not (isinstance(self.guidance_scale, (int, float)) and 0.0 <= self.guidance_scale < math.inf):
             raise ValueError(f"guidance_scale must be a finite number >= 0, got {self.guidance_scale!r}")
         if not (isinstance(self.eta, (int, float)) and 0.0 <= self.eta <= 1.0):
             raise ValueError(f"eta must be in [0, 1], got {self.eta!r}")
-        if self.eta != 0.0 and self.sampler != "ddim":
+        if self.eta != 0.0 and not SAMPLERS[self.sampler].stochastic:
             raise ValueError(f"eta applies only to the 'ddim' sampler, got eta={self.eta} with {self.sampler!r}")
 
     @property
@@ -98,51 +99,23 @@ class PixelCNNRequest:
 Request = DiffusionRequest | PixelCNNRequest
 
 
-class Status(Enum):
-    WAITING = "waiting"      # queued, not yet in the batch
-    RUNNING = "running"      # in the batch: stepped at every engine step
-    FINISHED = "finished"    # all steps done, images ready
-    CANCELLED = "cancelled"  # aborted by its client; left the batch at the next step
-    EXPIRED = "expired"      # its deadline passed first; left the batch at the next step
-    FAILED = "failed"        # the forward pass or update raised while it was in the batch
-
-
-@dataclass(eq=False)
-class RequestState:
-    """What the scheduler tracks for one request: family-agnostic bookkeeping. Mutated only by the
-    engine's step, except `cancel_requested`, which any thread may set."""
-
-    request_id: str
-    request: Request
-    steps_total: int
-    generator: torch.Generator       # the request's own, seeded from request.seed
-    arrival: float                   # time.monotonic() when added, for latency metrics
-    steps_done: int = 0
-    status: Status = Status.WAITING
-    cancel_requested: bool = False
-
-    @property
-    def rows(self) -> int:
-        return self.request.rows
-
-    @property
-    def deadline(self) -> float | None:
-        return self.request.deadline
-
-    @property
-    def done(self) -> bool:
-        return self.steps_done >= self.steps_total
-
-
-@dataclass(eq=False)
+@dataclass(eq=False, kw_only=True)
 class DiffusionState(RequestState):
+    """A diffusion request in the engine: its x_t and its sampler's history."""
+
+    request: DiffusionRequest
+    generator: torch.Generator                          # the request's own, seeded from request.seed
     timesteps: list[int] = field(default_factory=list)  # descending training timesteps, one per step
     x: torch.Tensor | None = None                       # [n, 1, 28, 28] float32: x_t, then x_0 when done
-    solver: DPMSolverState | None = None                # DPM-Solver++ history of the n images
+    solver: Any = None                                  # the sampler's state of the n images (SAMPLERS[..].state)
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, kw_only=True)
 class PixelCNNState(RequestState):
+    """A PixelCNN request in the engine: its image, sampled up to pixel steps_done."""
+
+    request: PixelCNNRequest
+    generator: torch.Generator     # the request's own, seeded from request.seed
     x: torch.Tensor | None = None  # [n, 1, 28, 28] float32 levels 0..255: pixels before steps_done are sampled
 
 
@@ -152,33 +125,15 @@ def make_state(request_id: str, request: Request, now: float) -> RequestState:
     `loop.sample(x_T=randn(shape, generator=g), generator=g)` and families.diffusion.sample do."""
     generator = torch.Generator().manual_seed(request.seed)
     shape = (request.n, 1, 28, 28)
+    common = dict(request_id=request_id, n=request.n, rows=request.rows, arrival=now, deadline=request.deadline,
+                  request=request, generator=generator)
     if isinstance(request, DiffusionRequest):
         x_T = torch.randn(shape, generator=generator)
-        return DiffusionState(request_id, request, request.steps, generator, now,
-                              timesteps=inference_timesteps(request.steps), x=x_T, solver=DPMSolverState.initial(x_T))
+        return DiffusionState(steps_total=request.steps, timesteps=inference_timesteps(request.steps), x=x_T,
+                              solver=SAMPLERS[request.sampler].state.initial(x_T), **common)
     if isinstance(request, PixelCNNRequest):
-        return PixelCNNState(request_id, request, NUM_PIXELS, generator, now, x=torch.zeros(shape))
+        return PixelCNNState(steps_total=NUM_PIXELS, x=torch.zeros(shape), **common)
     raise TypeError(f"unknown request type {type(request).__name__}")
-
-
-class RequestAborted(Exception):
-    """A request left the engine without images; its waiter gets a subclass."""
-
-    def __init__(self, request_id: str, steps_done: int, steps_total: int, why: str):
-        super().__init__(f"request {request_id} {why} after {steps_done} of {steps_total} steps")
-        self.request_id, self.steps_done, self.steps_total = request_id, steps_done, steps_total
-
-
-class RequestCancelled(RequestAborted):
-    """Its client cancelled it (or went away)."""
-
-
-class DeadlineExceeded(RequestAborted):
-    """Its deadline passed before it finished."""
-
-
-class RequestFailed(RequestAborted):
-    """The step it was in raised; the cause is chained (__cause__)."""
 
 
 @dataclass

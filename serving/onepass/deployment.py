@@ -10,23 +10,17 @@ from dataclasses import asdict
 from functools import partial
 
 import numpy as np
-import ray
 from ray import serve
 
 from serving.api.jobs import (GenerationJob, GenerationResult, ImagesJob, InterpolationJob, LikelihoodResult,
-                              ModelInfo, ReconstructionResult)
+                              ModelInfo, ReconstructionResult, ReplicaLoad)
 from serving.config import ONE_PASS_GRAPH, OnePassConfig
 from serving.observability import record_batch, record_request_times
-from serving.onepass.batcher import ImageBatcher
+from serving.onepass.batcher import BatcherStats, ImageBatcher
 from serving.onepass.inputs import draw_inputs, to_images
 from serving.operations import (FAMILY_OPERATIONS, OPERATION_GRAPHS, dequantize, lerp, reconstruction_mse, slerp,
                                 to_unit)
-from serving.runtime import load_model, threads_for
-
-
-def replica_cpus() -> float | None:
-    """CPUs Ray granted this replica (ray_actor_options.num_cpus)."""
-    return ray.get_runtime_context().get_assigned_resources().get("CPU")
+from serving.runtime import load_model, node_address, replica_cpus, threads_for
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 1}, user_config=asdict(OnePassConfig()),
@@ -38,6 +32,7 @@ class OnePassDeployment:
         self.model = load_model(store, ref, ONE_PASS_GRAPH, threads=threads_for(replica_cpus()),
                                 extra_graphs=OPERATION_GRAPHS)
         self.graph = self.model.graph
+        self.node = node_address()
         # flow.sample takes z already scaled by the sampling temperature (its contract); gan/vae have none
         self.temperature = float(self.model.manifest.sampling.default.get("temperature", 1.0))
         self._executor = ThreadPoolExecutor(1, thread_name_prefix=f"genserve-{self.model.name}")
@@ -61,7 +56,7 @@ class OnePassDeployment:
         x = await self._sample(feeds)  # [n, 1, 28, 28]
         settings = {"temperature": self.temperature} if self.model.family == "flow" else {}
         return GenerationResult(to_images(self.graph.contract, x), self.model.name, self.model.version,
-                                self.model.family, (time.perf_counter() - start) * 1000, settings)
+                                self.model.family, (time.perf_counter() - start) * 1000, settings, node=self.node)
 
     # ---- the family's own operations: each raises ValueError (HTTP 400) on a family without it ----
 
@@ -78,7 +73,7 @@ class OnePassDeployment:
             path, settings = lerp(mu[0], mu[1], job.frames), {"endpoints": "images", "path": "lerp"}
         x = await self.batcher.submit({"z": path, "y": np.full(job.frames, job.class_id, np.int64)})
         return GenerationResult(to_images(self.graph.contract, x), self.model.name, self.model.version,
-                                self.model.family, (time.perf_counter() - start) * 1000, settings)
+                                self.model.family, (time.perf_counter() - start) * 1000, settings, node=self.node)
 
     async def reconstruct(self, job: ImagesJob) -> ReconstructionResult:
         """vae: decode(encode(x)) at the posterior mean, and its per-pixel MSE (the anomaly score)."""
@@ -122,9 +117,14 @@ class OnePassDeployment:
         return ModelInfo.describe(self.model.manifest, path="one-pass", provider=self.model.providers.providers[0],
                                   threads=self.model.threads, settings=asdict(self.batcher.config))
 
-    async def stats(self) -> dict:
-        s = self.batcher.stats
-        return {"batches": s.batches, "images": s.images, "failed_batches": s.failed_batches,
-                "recent_batch_sizes": list(s.recent_batch_sizes), "queued_images": self.batcher.queued_images,
-                "in_flight_images": self.batcher.in_flight_images,
-                "max_batch_images": self.batcher.config.max_batch_images}
+    async def stats(self) -> ReplicaLoad:
+        """The batcher's live load, for the ingress's admission (a few times a second): one forward in flight
+        at a time, so a request is one step."""
+        running, queued = self.batcher.in_flight_images, self.batcher.queued_images
+        return ReplicaLoad(running_units=running, running_requests=int(running > 0), running_steps=float(running > 0),
+                           queued_units=queued, queued_requests=int(queued > 0), queued_steps=float(queued > 0),
+                           budget=self.batcher.config.max_batch_images)
+
+    async def metrics(self) -> BatcherStats:
+        """The batcher's counters (batches, images, recent batch sizes), for tests and benchmarks."""
+        return self.batcher.stats

@@ -23,6 +23,20 @@ from model_store.store import ModelStore
 from serving.observability import record_model_load, record_verification_failure
 
 
+def replica_cpus() -> float | None:
+    """CPUs Ray granted this replica (ray_actor_options.num_cpus)."""
+    import ray
+
+    return ray.get_runtime_context().get_assigned_resources().get("CPU")
+
+
+def node_address() -> str:
+    """The IP address of the Ray node this replica runs on: which host served a request, in its answer."""
+    import ray
+
+    return ray.util.get_node_ip_address()
+
+
 def threads_for(num_cpus: float | None) -> int:
     """ONNX Runtime intra-op threads for a replica granted num_cpus CPUs (its ray_actor_options): one per
     whole CPU, at least one. More threads than granted cores would fight the other replicas on the node."""

@@ -1,0 +1,103 @@
+"""The iterative deployment (diffusion, pixelcnn): one replica serves one model version through the
+step-batched engine beside it (serving.engine); every request is `await engine.submit(request)`, and joins
+and leaves the running batch at step boundaries. The engine (and torch, for the sampler maths) lives in
+this replica only; the ingress never imports it."""
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import asdict
+
+import numpy as np
+from ray import serve
+
+from serving.api.jobs import GenerationJob, GenerationResult, ImagesJob, LikelihoodResult, ModelInfo, ReplicaLoad
+from serving.config import ITERATIVE_GRAPH, IterativeConfig
+from serving.engine import (AsyncEngine, DiffusionRequest, DiffusionStepper, EngineCore, EngineMetrics, OnnxRunner,
+                            PixelCNNRequest, PixelCNNStepper)
+from serving.observability.engine import StepTiming, export_engine_metrics
+from serving.operations import pixelcnn_bits_per_dim
+from serving.runtime import load_model, node_address, replica_cpus, threads_for
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 1}, user_config=asdict(IterativeConfig()), max_ongoing_requests=256)
+class IterativeDeployment:
+    def __init__(self, store: str | None, ref: str):
+        """Runs once per replica: load ref from the store (hashes verified), open its step graph, and start
+        an engine over it (the loop itself starts with the first request)."""
+        self.model = load_model(store, ref, ITERATIVE_GRAPH, threads=threads_for(replica_cpus()))
+        runner = OnnxRunner(self.model.graph.session, self.model.graph.contract)
+        stepper = DiffusionStepper(runner) if self.model.family == "diffusion" else PixelCNNStepper(runner)
+        self.node = node_address()
+        self.timing = StepTiming(stepper, self.model.name)  # each request's queue vs compute time
+        self.config = IterativeConfig()
+        self.engine = AsyncEngine(EngineCore(self.timing, max_rows=self.config.max_batch_rows))
+        self._loop: asyncio.Task | None = None
+        self._export: asyncio.Task | None = None
+
+    async def reconfigure(self, user_config: dict) -> None:
+        self.config = IterativeConfig.from_dict(user_config)
+        self.engine.core.set_max_rows(self.config.max_batch_rows)
+        if self._export is None:  # Serve runs reconfigure at replica start (user_config is always set)
+            self._export = asyncio.create_task(export_engine_metrics(self.model.name, self.engine.core.metrics))
+
+    def _request(self, job: GenerationJob):
+        default = self.model.manifest.sampling.default
+        deadline = time.monotonic() + job.timeout_s if job.timeout_s else None
+        if self.model.family == "diffusion":
+            settings = {"sampler": job.sampler or default.get("sampler", "dpmpp_2m"),
+                        "steps": job.steps or int(default.get("steps", 20)),
+                        "guidance_scale": float(default.get("guidance_scale", 1.0) if job.guidance_scale is None
+                                                else job.guidance_scale)}
+            return DiffusionRequest(class_id=job.class_id, seed=job.seed, n=job.n, deadline=deadline, **settings), settings
+        settings = {"temperature": float(default.get("temperature", 1.0))}
+        return PixelCNNRequest(class_id=job.class_id, seed=job.seed, n=job.n, deadline=deadline, **settings), settings
+
+    async def _sample(self, request):
+        """One request's images: it joins the engine's running batch (the request-level baseline overrides this)."""
+        if self._loop is None or self._loop.done():
+            self._loop = asyncio.get_running_loop().create_task(self.engine.run())
+        return await self.timing.submit(self.engine, request)
+
+    async def generate(self, job: GenerationJob) -> GenerationResult:
+        start = time.perf_counter()
+        request, settings = self._request(job)
+        images = await self._sample(request)  # uint8 [n, 1, 28, 28]
+        return GenerationResult(images.numpy()[:, 0], self.model.name, self.model.version, self.model.family,
+                                (time.perf_counter() - start) * 1000, settings, node=self.node)
+
+    async def log_likelihood(self, job: ImagesJob) -> LikelihoodResult:
+        """pixelcnn: exact bits/dim of each image from ONE teacher-forced forward of the logits graph (the
+        whole image in, every pixel's distribution out), beside the engine rather than through its step
+        loop, in chunks of max_batch_rows. ValueError (HTTP 400) on diffusion, which has no likelihood."""
+        start = time.perf_counter()
+        if self.model.family != "pixelcnn":
+            raise ValueError(f"{self.model.name} is a {self.model.family} model; likelihood needs a flow or "
+                             "pixelcnn model")
+        size, bits = self.config.max_batch_rows, []
+        for i in range(0, len(job.images), size):
+            images = job.images[i:i + size]
+            feeds = {"x": images[:, None].astype(np.float32), "y": np.full(len(images), job.class_id, np.int64)}
+            logits = await asyncio.to_thread(self.model.graph.run, feeds)  # [n, 256, 28, 28]
+            bits.append(pixelcnn_bits_per_dim(logits, images))
+        return LikelihoodResult(np.concatenate(bits), self.model.name, self.model.version, self.model.family,
+                                (time.perf_counter() - start) * 1000)
+
+    async def info(self) -> ModelInfo:
+        return ModelInfo.describe(self.model.manifest, path="iterative", provider=self.model.providers.providers[0],
+                                  threads=self.model.threads, settings=asdict(self.config))
+
+    async def stats(self) -> ReplicaLoad:
+        """The engine's live load, for the ingress's admission (a few times a second)."""
+        m = self.engine.core.metrics
+        return ReplicaLoad(running_units=m.rows, running_requests=m.running, running_steps=m.steps_in_flight,
+                           queued_units=m.rows_queued, queued_requests=m.queue_length, queued_steps=m.steps_queued,
+                           budget=m.max_rows or None)
+
+    async def metrics(self) -> EngineMetrics:
+        """The engine's gauges and counters (serving.engine.metrics), for tests and benchmarks."""
+        return self.engine.core.metrics
+
+    def __del__(self):
+        if hasattr(self, "engine"):
+            self.engine.stop()
