@@ -70,7 +70,7 @@ def mix(strategy: str) -> list[Template]:
 def policy_app(store: str) -> dict[str, Any]:
     """genserve's application as deploy/serve_config.yaml has it (all five models, their user_config), each
     model on MODEL_CPUS."""
-    from serving.app import load_config
+    from genserve.launch import load_config
 
     app = dict(load_config()["applications"][0])
     app.update(args={**app["args"], "store": store},

@@ -97,13 +97,28 @@ def start_local_ray(num_cpus: float | None = None, **kwargs: Any) -> None:
         print(f"genserve: port {METRICS_PORT} is taken; Prometheus metrics are on port {port}", file=sys.stderr)
 
 
+def stop_local_ray() -> None:
+    """Stop Serve and the embedded Ray, and then whatever Ray started that outlived them: Ctrl-C inside
+    ray.init can leave its agents orphaned (their raylet killed before it stopped them). Safe to call at any
+    point of start-up, and when Ray never started."""
+    import psutil
+
+    started = psutil.Process().children(recursive=True)  # raylet, GCS, agents, workers: all descend from us
+    try:
+        if ray.is_initialized():
+            serve.shutdown()
+    finally:
+        ray.shutdown()
+        _, alive = psutil.wait_procs(started, timeout=5)
+        for proc in alive:
+            proc.kill()
+
+
 def deploy_to_cluster(config: dict[str, Any], dashboard: str, *, timeout_s: float = 300.0) -> None:
     """What `serve deploy CONFIG --address DASHBOARD` does, then wait until every application is RUNNING: the
     config goes to the running cluster's Serve REST API (as KubeRay submits serveConfigV2), whose controller
     deploys it; nothing runs in this process. Raises RuntimeError with Serve's message if one fails."""
-    from ray.dashboard.modules.serve.sdk import ServeSubmissionClient
-
-    client = ServeSubmissionClient(dashboard)
+    client = _serve_client(dashboard)
     client.deploy_applications(config)
     names = [app["name"] for app in config["applications"]]
     _wait_running(lambda: {n: (a["status"], a.get("message", "")) for n, a in
@@ -112,9 +127,18 @@ def deploy_to_cluster(config: dict[str, Any], dashboard: str, *, timeout_s: floa
 
 def delete_from_cluster(dashboard: str) -> None:
     """Remove the Serve applications from the cluster (what `genserve up --address` deployed); the cluster stays."""
+    _serve_client(dashboard).delete_applications()
+
+
+def _serve_client(dashboard: str):
+    """The dashboard's Serve REST client, sending this machine's Ray token (~/.ray/auth_token, $RAY_AUTH_TOKEN)
+    when there is one: clusters started by Ray >= 2.5x require it unless RAY_AUTH_MODE=disabled. As `ray start`
+    and ray.init do."""
+    from ray._private.authentication.authentication_token_setup import maybe_enable_token_auth_if_token_available
     from ray.dashboard.modules.serve.sdk import ServeSubmissionClient
 
-    ServeSubmissionClient(dashboard).delete_applications()
+    maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
+    return ServeSubmissionClient(dashboard)
 
 
 def _wait_running(statuses, names: list[str], timeout_s: float) -> None:

@@ -48,7 +48,7 @@ def _verify(args: argparse.Namespace) -> None:
     failed = 0
     for ref in refs:
         try:
-            loaded = store.load(ref)
+            loaded = store.load(ref, use_cache=False)   # check the store itself, not this node's cache
             print(f"ok      {loaded.manifest.model}@{loaded.manifest.version} ({len(loaded.files)} files)")
         except IntegrityError as exc:
             failed += 1
@@ -95,7 +95,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     """Add `genserve store ...` to the top-level command's subparsers."""
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--store", default=None, metavar="PATH_OR_URI",
-                        help="model store (default: $GENSERVE_STORE, else ./model_store_data)")
+                        help="model store: a path, file://, or s3://bucket/prefix (credentials and endpoint "
+                             "from AWS_* environment variables only); default: $GENSERVE_STORE, else "
+                             "./model_store_data")
     store = subparsers.add_parser("store", help="list, inspect, verify, publish and garbage-collect model versions")
     sub = store.add_subparsers(dest="store_command", required=True)
 

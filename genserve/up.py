@@ -66,9 +66,9 @@ def _up_alone(args: argparse.Namespace) -> None:
               + (", ".join(f"{r.model}@{r.version}" for r in results if r.version) or "no models"))
 
     import ray
-    from ray import serve
 
-    from genserve.launch import deploy_local, load_config, on_one_node, serve_only_what_the_store_has, start_local_ray
+    from genserve.launch import (deploy_local, load_config, on_one_node, serve_only_what_the_store_has,
+                                 start_local_ray, stop_local_ray)
 
     config, dropped = serve_only_what_the_store_has(on_one_node(load_config(args.config)), store.uri)
     if dropped:
@@ -103,11 +103,7 @@ def _up_alone(args: argparse.Namespace) -> None:
         # Ctrl-C again while stopping must not leave Ray behind: ignore it until Ray is down
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         print("genserve: stopping")
-        try:
-            if ray.is_initialized():
-                serve.shutdown()
-        finally:
-            ray.shutdown()  # also when Ctrl-C came inside ray.init: it stops the processes started so far
+        stop_local_ray()
 
 
 def _up_on_cluster(args: argparse.Namespace) -> None:

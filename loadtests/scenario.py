@@ -15,28 +15,21 @@ and checked up front, so a typo fails before any request is sent.
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from core.checks import is_int, is_number
+from core.contracts import NULL_CLASS
+
 PROTOCOLS = ("openai", "kserve_http", "kserve_grpc")
 DEFAULT_URLS = {"openai": "http://127.0.0.1:8000", "kserve_http": "http://127.0.0.1:8000",
                 "kserve_grpc": "grpc://127.0.0.1:9000"}   # genserve's default ports
 ARRIVALS = ("poisson", "constant")
 QUALITIES = ("draft", "standard", "best")
-NO_CLASS = 10   # the class id that means "unconditional" (core.contracts.NULL_CLASS; loadtests speak only
-                # the public protocols, so the number is repeated here rather than imported)
-
-
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _is_number(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+NO_CLASS = NULL_CLASS  # the class id that means "unconditional", as the public API documents it
 
 
 def _check(ok: bool, message: str) -> None:
@@ -63,18 +56,18 @@ class Template:
     best_effort: bool | None = None     # with an SLO: serve late rather than be rejected
 
     def __post_init__(self) -> None:
-        _check(_is_number(self.weight) and self.weight > 0, f"weight must be a number > 0, got {self.weight!r}")
+        _check(is_number(self.weight) and self.weight > 0, f"weight must be a number > 0, got {self.weight!r}")
         _check(isinstance(self.model, str) and self.model != "", f"model must be a name or 'auto', got {self.model!r}")
         _check(self.prompt is None or isinstance(self.prompt, str), f"prompt must be a string, got {self.prompt!r}")
-        _check(self.class_id is None or _is_int(self.class_id) and 0 <= self.class_id <= NO_CLASS,
+        _check(self.class_id is None or is_int(self.class_id) and 0 <= self.class_id <= NO_CLASS,
                f"class_id must be an integer in [0, {NO_CLASS}] ({NO_CLASS} = no class), got {self.class_id!r}")
-        _check(_is_int(self.n) and self.n >= 1, f"n must be an integer >= 1, got {self.n!r}")
+        _check(is_int(self.n) and self.n >= 1, f"n must be an integer >= 1, got {self.n!r}")
         _check(self.sampler is None or isinstance(self.sampler, str), f"sampler must be a string, got {self.sampler!r}")
-        _check(self.steps is None or _is_int(self.steps) and self.steps >= 1,
+        _check(self.steps is None or is_int(self.steps) and self.steps >= 1,
                f"steps must be an integer >= 1, got {self.steps!r}")
-        _check(self.guidance_scale is None or _is_number(self.guidance_scale) and self.guidance_scale >= 0,
+        _check(self.guidance_scale is None or is_number(self.guidance_scale) and self.guidance_scale >= 0,
                f"guidance_scale must be a number >= 0, got {self.guidance_scale!r}")
-        _check(self.latency_slo_ms is None or _is_number(self.latency_slo_ms) and self.latency_slo_ms > 0,
+        _check(self.latency_slo_ms is None or is_number(self.latency_slo_ms) and self.latency_slo_ms > 0,
                f"latency_slo_ms must be a number > 0, got {self.latency_slo_ms!r}")
         _check(self.quality is None or self.quality in QUALITIES,
                f"quality must be one of {', '.join(QUALITIES)}, got {self.quality!r}")
@@ -97,8 +90,8 @@ class Stage:
     duration_s: float
 
     def __post_init__(self) -> None:
-        _check(_is_number(self.rate) and self.rate >= 0, f"rate must be a number >= 0 (req/s), got {self.rate!r}")
-        _check(_is_number(self.duration_s) and self.duration_s > 0,
+        _check(is_number(self.rate) and self.rate >= 0, f"rate must be a number >= 0 (req/s), got {self.rate!r}")
+        _check(is_number(self.duration_s) and self.duration_s > 0,
                f"duration_s must be a number > 0, got {self.duration_s!r}")
 
 
@@ -126,9 +119,9 @@ class ClosedLoop:
     duration_s: float
 
     def __post_init__(self) -> None:
-        _check(_is_int(self.concurrency) and self.concurrency >= 1,
+        _check(is_int(self.concurrency) and self.concurrency >= 1,
                f"concurrency must be an integer >= 1, got {self.concurrency!r}")
-        _check(_is_number(self.duration_s) and self.duration_s > 0,
+        _check(is_number(self.duration_s) and self.duration_s > 0,
                f"duration_s must be a number > 0, got {self.duration_s!r}")
 
 
@@ -160,12 +153,12 @@ class Scenario:
             for i, t in enumerate(self.mix):
                 _check(t.prompt is None and t.class_id is not None,
                        f"mix[{i}]: KServe v2 takes class_id (0-9, {NO_CLASS} = no class), not prompt")
-        _check(_is_number(self.warmup_s) and self.warmup_s >= 0, f"warmup_s must be a number >= 0, got {self.warmup_s!r}")
-        _check(self.max_requests is None or _is_int(self.max_requests) and self.max_requests >= 1,
+        _check(is_number(self.warmup_s) and self.warmup_s >= 0, f"warmup_s must be a number >= 0, got {self.warmup_s!r}")
+        _check(self.max_requests is None or is_int(self.max_requests) and self.max_requests >= 1,
                f"max_requests must be an integer >= 1, got {self.max_requests!r}")
-        _check(_is_number(self.request_timeout_s) and self.request_timeout_s > 0,
+        _check(is_number(self.request_timeout_s) and self.request_timeout_s > 0,
                f"request_timeout_s must be a number > 0, got {self.request_timeout_s!r}")
-        _check(_is_int(self.seed) and self.seed >= 0, f"seed must be an integer >= 0, got {self.seed!r}")
+        _check(is_int(self.seed) and self.seed >= 0, f"seed must be an integer >= 0, got {self.seed!r}")
         _check(self.metrics_url is None or isinstance(self.metrics_url, str),
                f"metrics_url must be a URL, got {self.metrics_url!r}")
 
@@ -258,9 +251,9 @@ def _ramp(ramp: dict[str, Any]) -> tuple[Stage, ...]:
     if missing := [k for k in keys if k not in ramp]:
         raise ValueError(f"load.ramp: missing {missing[0]!r}")
     lo, hi, steps, stage_s = (ramp[k] for k in keys)
-    _check(_is_int(steps) and steps >= 2, f"load.ramp: steps must be an integer >= 2, got {steps!r}")
-    _check(_is_number(lo) and _is_number(hi), f"load.ramp: from and to must be numbers, got {lo!r}, {hi!r}")
-    _check(_is_number(stage_s) and stage_s > 0, f"load.ramp: stage_s must be a number > 0, got {stage_s!r}")
+    _check(is_int(steps) and steps >= 2, f"load.ramp: steps must be an integer >= 2, got {steps!r}")
+    _check(is_number(lo) and is_number(hi), f"load.ramp: from and to must be numbers, got {lo!r}, {hi!r}")
+    _check(is_number(stage_s) and stage_s > 0, f"load.ramp: stage_s must be a number > 0, got {stage_s!r}")
     try:
         return tuple(Stage(lo + (hi - lo) * i / (steps - 1), stage_s) for i in range(steps))
     except ValueError as exc:

@@ -5,16 +5,97 @@ backend: every artifact is uploaded under <model>/<version>/ first, then manifes
 put-if-absent. The store treats a version as existing only when its manifest.json does (readers, `ls` and
 resolve ignore manifest-less folders), so a publish that dies mid-upload never leaves a visible version;
 `gc` (cleanup) removes such leftovers once they are older than the stale age. Aliases are single small
-objects overwritten whole: an object PUT is atomic per object, so readers see the old or the new."""
+objects overwritten whole: an object PUT is atomic per object, so readers see the old or the new.
+
+S3 (s3://bucket/prefix, through s3fs): credentials and the endpoint come ONLY from the standard AWS
+environment variables (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, optional AWS_SESSION_TOKEN;
+AWS_ENDPOINT_URL_S3 or AWS_ENDPOINT_URL for an S3-compatible server; AWS_DEFAULT_REGION or AWS_REGION),
+read here explicitly, so the behaviour does not depend on the botocore version (botocore >= 1.31 reads
+AWS_ENDPOINT_URL itself; older ones ignore it). A URI carrying credentials (`s3://KEY:SECRET@bucket`) or
+a query, and storage options naming credentials or an endpoint, are refused: a Serve config file or a
+command line is not a place for secrets."""
 from __future__ import annotations
 
+import os
 import time
 from datetime import datetime
 from pathlib import PurePosixPath
+from urllib.parse import urlsplit
 
 from model_store.backend import Entry
 from model_store.errors import StoreError, VersionExists
 from model_store.manifest import MANIFEST_FILE
+
+
+# Storage options that would carry a secret or an endpoint (s3fs / botocore spellings): refused for s3://.
+_S3_FORBIDDEN_OPTIONS = {"key", "secret", "token", "username", "password", "endpoint_url", "profile",
+                         "aws_access_key_id", "aws_secret_access_key", "aws_session_token"}
+S3_ENV_HELP = ("set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (and AWS_SESSION_TOKEN for temporary "
+               "credentials), AWS_ENDPOINT_URL for an S3-compatible server, AWS_DEFAULT_REGION if needed, in "
+               "the environment of every process that opens the store (on a Ray cluster: of every node, "
+               "before `ray start`)")
+
+
+def _redacted(uri: str) -> str:
+    """The URI without anything that may be a secret (user info, query, fragment), for error messages."""
+    parts = urlsplit(uri)
+    host = parts.netloc.rpartition("@")[2]
+    return f"{parts.scheme}://{'***@' if '@' in parts.netloc else ''}{host}{parts.path}"
+
+
+def check_uri_has_no_credentials(uri: str) -> None:
+    """Refuse `scheme://user:secret@bucket/...` and any `?query` / `#fragment`: store URIs live in config
+    files and command lines, where secrets leak; credentials and options come from the environment."""
+    parts = urlsplit(uri)
+    if "@" in parts.netloc or parts.query or parts.fragment or "?" in uri or "#" in uri:
+        raise StoreError(f"refusing model store URI {_redacted(uri)}: it carries credentials or options "
+                         f"(user info, ?query or #fragment). Store URIs name a location only "
+                         f"(s3://bucket/prefix); {S3_ENV_HELP}")
+
+
+def _env(name: str) -> str | None:
+    value = os.environ.get(name, "").strip()
+    return value or None
+
+
+def s3_options(uri: str, options: dict) -> dict:
+    """s3fs options for uri from the AWS environment variables, plus the caller's non-secret options.
+    Raises StoreError when the credentials are missing or options try to carry secrets/endpoints."""
+    bad = sorted(k for k in options if k.lower() in _S3_FORBIDDEN_OPTIONS)
+    bad += sorted(f"client_kwargs.{k}" for k in (options.get("client_kwargs") or {})
+                  if k.lower() in _S3_FORBIDDEN_OPTIONS)
+    if bad:
+        raise StoreError(f"refusing storage options {bad} for {_redacted(uri)}: S3 credentials and the endpoint "
+                         f"come only from the environment; {S3_ENV_HELP}")
+    out = dict(options)
+    if not out.get("anon"):
+        key, secret = _env("AWS_ACCESS_KEY_ID"), _env("AWS_SECRET_ACCESS_KEY")
+        missing = [n for n, v in (("AWS_ACCESS_KEY_ID", key), ("AWS_SECRET_ACCESS_KEY", secret)) if v is None]
+        if missing:
+            raise StoreError(f"model store {_redacted(uri)} needs S3 credentials: {' and '.join(missing)} "
+                             f"{'is' if len(missing) == 1 else 'are'} not set; {S3_ENV_HELP}")
+        out.update(key=key, secret=secret)
+        if token := _env("AWS_SESSION_TOKEN"):
+            out["token"] = token
+    client_kwargs = dict(out.get("client_kwargs") or {})
+    ignore = (_env("AWS_IGNORE_CONFIGURED_ENDPOINT_URLS") or "").lower() == "true"
+    endpoint = None if ignore else (_env("AWS_ENDPOINT_URL_S3") or _env("AWS_ENDPOINT_URL"))
+    if endpoint is not None:
+        parts = urlsplit(endpoint)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise StoreError(f"AWS_ENDPOINT_URL(_S3) must be an http(s):// URL, got {_redacted(endpoint)!r}")
+        if "@" in parts.netloc:
+            raise StoreError(f"refusing AWS_ENDPOINT_URL(_S3) {_redacted(endpoint)}: it carries credentials; "
+                             f"{S3_ENV_HELP}")
+        client_kwargs["endpoint_url"] = endpoint
+    if region := (_env("AWS_DEFAULT_REGION") or _env("AWS_REGION")):
+        client_kwargs.setdefault("region_name", region)
+    if client_kwargs:
+        out["client_kwargs"] = client_kwargs
+    # The store re-lists and re-reads what moves (aliases, manifests); a listings cache in a long-lived
+    # replica would serve stale ones.
+    out.setdefault("use_listings_cache", False)
+    return out
 
 
 def _import_fsspec():
@@ -30,6 +111,7 @@ class FsspecBackend:
 
     def __init__(self, uri: str, **options):
         fsspec = _import_fsspec()
+        check_uri_has_no_credentials(uri)
         protocol = uri.split("://", 1)[0]
         try:
             fs_cls = fsspec.get_filesystem_class(protocol)
@@ -37,12 +119,19 @@ class FsspecBackend:
             raise StoreError(f"unknown model store URI scheme {protocol}:// in {uri!r}: use a local path, "
                              f"file://, or an fsspec protocol (s3://, gs://, memory://, ...)") from exc
         except ImportError as exc:
-            raise StoreError(f"model store {uri!r} needs the fsspec implementation for {protocol}:// "
+            hint = " (pip install s3fs)" if protocol in ("s3", "s3a") else ""
+            raise StoreError(f"model store {uri!r} needs the fsspec implementation for {protocol}://{hint} "
                              f"({exc})") from exc
+        if protocol in ("s3", "s3a"):
+            options = s3_options(uri, options)
         self.fs = fsspec.filesystem(protocol, **options)
         self.protocol = protocol
         self.root = fs_cls._strip_protocol(uri).rstrip("/")
         self.uri = uri.rstrip("/")
+        # Files of this filesystem are already in this process or on local disk: a blob cache would only
+        # copy them (ModelStore.open reads this).
+        self.remote = not any(p in ("memory", "file", "local")
+                              for p in ((fs_cls.protocol,) if isinstance(fs_cls.protocol, str) else fs_cls.protocol))
 
     # ---- keys ----------------------------------------------------------------------------------
 

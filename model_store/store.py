@@ -6,17 +6,23 @@ Layout under the root (local path, or an object-store prefix through fsspec):
     <model>/<version>/<graph>.onnx ...   the artifacts
     <model>/.aliases/<alias>             {"version": ...}: latest, stable, or any name
     .staging/ .trash/                    in-flight publishes and deletes, never visible as versions
+
+Stores on an object store (s3://, gs://, ...) get a node-local cache of verified files by sha256
+(model_store/cache.py): a second load on the same node reads the version's manifest and alias from the
+store (they move), and its artifacts from local disk, re-hashed.
 """
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import re
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
-from model_store.backend import StoreBackend, open_backend
+from model_store.backend import LocalBackend, StoreBackend, open_backend
+from model_store.cache import BlobCache
 from model_store.errors import IntegrityError, NotFound, StoreError, VersionExists
 from model_store.manifest import MANIFEST_FILE, FileEntry, Manifest
 
@@ -26,6 +32,8 @@ DEFAULT_ALIAS = "latest"
 ALIASES = ".aliases"
 STALE_STAGING_S = 3600.0     # gc leaves younger leftovers alone: they may be a publish still running
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")  # no '/', no leading '.', so never '..'
+
+log = logging.getLogger(__name__)
 
 
 def check_name(kind: str, name: str) -> str:
@@ -50,20 +58,35 @@ class LoadedVersion:
 
     manifest: Manifest
     files: dict[str, bytes]      # relative path -> verified content
+    from_cache: frozenset[str] = frozenset()   # the files read from the local blob cache, not the store
 
     def graph_bytes(self, graph: str) -> bytes:
         return self.files[self.manifest.graph(graph).onnx_file]
 
 
 class ModelStore:
-    def __init__(self, backend: StoreBackend):
+    def __init__(self, backend: StoreBackend, cache: BlobCache | None = None):
         self.backend = backend
+        self.cache = cache          # verified files by sha256 on local disk; None: always read the store
 
     @classmethod
-    def open(cls, uri: str | os.PathLike | None = None, **storage_options) -> ModelStore:
+    def open(cls, uri: str | os.PathLike | None = None, *, cache: BlobCache | str | os.PathLike | bool | None = None,
+             **storage_options) -> ModelStore:
         """uri: a local path, file:// URI, or fsspec URI (s3://, gs://, memory://, ...); default
-        GENSERVE_STORE, else ./model_store_data. storage_options go to fsspec.filesystem()."""
-        return cls(open_backend(uri if uri is not None else default_store_uri(), **storage_options))
+        GENSERVE_STORE, else ./model_store_data. storage_options go to fsspec.filesystem() (for s3://,
+        never credentials or the endpoint: those come from the AWS_* environment variables).
+        cache: None (default) -> a BlobCache in $GENSERVE_CACHE_DIR for remote object stores, none for a
+        local store or memory:// (the files are local already); False -> none; a path or BlobCache -> it."""
+        backend = open_backend(uri if uri is not None else default_store_uri(), **storage_options)
+        if cache is None:    # local disk or this process's memory (memory://): a cache would only copy it
+            cache = not isinstance(backend, LocalBackend) and getattr(backend, "remote", True)
+        if cache is True:
+            cache = BlobCache()
+        elif cache is False:
+            cache = None
+        elif not isinstance(cache, BlobCache):
+            cache = BlobCache(cache)
+        return cls(backend, cache)
 
     @property
     def uri(self) -> str:
@@ -118,9 +141,14 @@ class ModelStore:
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise IntegrityError(f"{model}@{version}: unreadable {MANIFEST_FILE}: {exc!r}") from exc
 
-    def load(self, ref: str) -> LoadedVersion:
+    def load(self, ref: str, *, use_cache: bool = True) -> LoadedVersion:
         """Resolve, then verify every file against the manifest; raise IntegrityError on any mismatch,
-        missing or unlisted file, or anything escaping the version folder ('..', absolute, symlink)."""
+        missing or unlisted file, or anything escaping the version folder ('..', absolute, symlink).
+
+        With a blob cache (and use_cache), the alias, the manifest and the version's listing are still read
+        from the store, but a file whose sha256 is cached (and re-hashes right) is not read from the store.
+        Files read from the store are cached only after the WHOLE version verified: a version that fails
+        caches nothing, and a tampered object is never cached."""
         model, version = self.resolve(ref)
         key = f"{model}/{version}"
         where = f"{model}@{version}"
@@ -147,17 +175,35 @@ class ModelStore:
         for g in manifest.graphs:
             if g.onnx_file not in manifest.files:
                 raise IntegrityError(f"{where}: graph {g.graph} has no file {g.onnx_file}")
-        files = {}
+        cache = self.cache if use_cache else None
+        files: dict[str, bytes] = {}
+        from_cache, fetched = set(), {}
         for rel, want in sorted(manifest.files.items()):
+            data = cache.get(want.sha256, want.size) if cache is not None else None
+            if data is not None:
+                files[rel] = data
+                from_cache.add(rel)
+                continue
             data = self.backend.read_bytes(f"{key}/{rel}")
-            if len(data) != want.size or sha256_bytes(data) != want.sha256:
-                raise IntegrityError(f"{where}: {rel} does not match its manifest hash (size {len(data)} vs "
-                                     f"{want.size}); the file was modified or corrupted, refusing to load")
+            actual = sha256_bytes(data)
+            if len(data) != want.size or actual != want.sha256:
+                raise IntegrityError(
+                    f"model {model} version {version}: file {rel} does not match its manifest hash: expected "
+                    f"sha256 {want.sha256} ({want.size} bytes), got sha256 {actual} ({len(data)} bytes) from "
+                    f"{self.uri}/{key}/{rel}; the file was modified or corrupted, refusing to load {where} "
+                    f"(nothing of it is cached)")
             files[rel] = data
-        return LoadedVersion(manifest, files)
+            fetched[want.sha256] = data
+        if cache is not None:
+            for sha, data in fetched.items():
+                cache.put(sha, data)
+            log.info("%s: %d file(s) from the blob cache %s, %d read from %s", where, len(from_cache),
+                     cache.root, len(files) - len(from_cache), self.uri)
+        return LoadedVersion(manifest, files, frozenset(from_cache))
 
     def verify(self, ref: str) -> Manifest:
-        return self.load(ref).manifest
+        """Check the version as it is IN THE STORE: reads every file from the store, bypassing the cache."""
+        return self.load(ref, use_cache=False).manifest
 
     # ---- writing -------------------------------------------------------------------------------
 

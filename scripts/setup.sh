@@ -44,4 +44,13 @@ if [[ -n "$extras" ]] && ! { command -v prometheus && command -v promtool; } >/d
   $sudo_cmd apt-get update -qq
   $sudo_cmd apt-get install -y -qq --no-install-recommends prometheus
 fi
+if [[ -n "$extras" ]] && ! command -v redis-server >/dev/null; then
+  # The cluster tests run Ray's GCS fault tolerance against a real Redis (tests/cluster/).
+  echo "==> installing Debian's redis-server"
+  [[ $(id -u) -ne 0 ]] && sudo_cmd="sudo" || sudo_cmd=""
+  $sudo_cmd apt-get update -qq
+  $sudo_cmd apt-get install -y -qq --no-install-recommends redis-server
+fi
+# checkov (the manifests' policy check) pins versions that would downgrade torch's and Ray's deps: its own venv
+[[ -n "$extras" ]] && bash scripts/setup_tools.sh
 echo "==> ready: $(.venv/bin/genserve --version)"

@@ -6,10 +6,11 @@ Every check raises ValueError with a message naming the field and the value rece
 config fails at deploy time, not at the first request."""
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
+
+from core.checks import is_int, is_number
 
 # The one Serve config: genserve up, serve run / serve deploy, and KubeRay's serveConfigV2
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "deploy" / "serve_config.yaml"
@@ -17,10 +18,6 @@ DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "deploy" / "serve_config.
 # family -> the graph its deployment samples with
 ONE_PASS_GRAPH = {"gan": "generate", "vae": "decode", "flow": "sample"}
 ITERATIVE_GRAPH = {"diffusion": "denoise", "pixelcnn": "logits"}
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _unknown_keys(what: str, given: dict[str, Any], cls: type) -> None:
@@ -41,10 +38,9 @@ class OnePassConfig:
     max_wait_ms: float = 5.0
 
     def __post_init__(self):
-        if not _is_int(self.max_batch_images) or self.max_batch_images < 1:
+        if not is_int(self.max_batch_images) or self.max_batch_images < 1:
             raise ValueError(f"max_batch_images must be an integer >= 1, got {self.max_batch_images!r}")
-        if not (isinstance(self.max_wait_ms, (int, float)) and not isinstance(self.max_wait_ms, bool)
-                and math.isfinite(self.max_wait_ms) and self.max_wait_ms >= 0):
+        if not (is_number(self.max_wait_ms) and self.max_wait_ms >= 0):
             raise ValueError(f"max_wait_ms must be a finite number >= 0, got {self.max_wait_ms!r}")
 
     @classmethod
@@ -62,7 +58,7 @@ class IterativeConfig:
     max_batch_rows: int = 64
 
     def __post_init__(self):
-        if not _is_int(self.max_batch_rows) or self.max_batch_rows < 1:
+        if not is_int(self.max_batch_rows) or self.max_batch_rows < 1:
             raise ValueError(f"max_batch_rows must be an integer >= 1, got {self.max_batch_rows!r}")
 
     @classmethod

@@ -5,6 +5,7 @@ one run over a real ONNX Runtime session. Fake runners and a fake clock: no slee
 from __future__ import annotations
 
 import asyncio
+import random
 import threading
 
 import pytest
@@ -16,6 +17,7 @@ from serving.engine import (AsyncEngine, DeadlineExceeded, DiffusionRequest, Dif
                             TorchRunner)
 from serving.engine.diffusion import to_uint8
 from serving.engine.request import make_state
+from serving.engine.scheduler import admit_fcfs
 from core.samplers import linear_alphas_cumprod
 from core.samplers.loop import sample
 
@@ -182,6 +184,12 @@ def test_a_live_budget_cut_still_runs_a_queued_wide_request_alone():
     assert sched.schedule(now=0.0).num_rows == 4
 
 
+def test_admission_takes_waiting_rows_in_order_while_they_fit():
+    assert admit_fcfs(1, [1, 2, 1], max_rows=4) == 2   # the third no longer fits
+    assert admit_fcfs(2, [3, 1], max_rows=4) == 0      # 3 rows block the 1 behind them
+    assert admit_fcfs(0, [5, 1], max_rows=4) == 1      # an empty batch takes the head, even past a cut budget
+
+
 # --- diffusion: results depend only on the request ----------------------------------------------------
 
 @pytest.mark.parametrize("kw", [dict(sampler="ddim", eta=0.6, guidance_scale=2.5, n=2),
@@ -298,6 +306,70 @@ def test_metrics_report_occupancy_queue_and_steps_in_flight():
     while core.has_work():
         core.step()
     assert (m.finished, m.running, m.queue_length, m.batch_occupancy, m.steps_in_flight) == (3, 0, 0, 0.0, 0)
+
+
+# --- the policy's simulator steps this scheduler ----------------------------------------------------------
+
+def record_joins(sched: Scheduler, joins: list) -> None:
+    """Note (now, request id) for every admission the scheduler makes."""
+    schedule = sched.schedule
+
+    def recording(now: float):
+        plan = schedule(now)
+        joins.extend((now, request_id) for request_id in plan.joined)
+        return plan
+    sched.schedule = recording
+
+
+def test_the_policy_simulator_admits_and_steps_as_the_engine_does():
+    """serving/policy/simulator.py's step replica and EngineCore, on one scenario where every forward takes
+    1 ms + 0.5 ms per row (queues behind a full batch, and idle gaps): the same admissions at the same
+    times, the same ends."""
+    from serving.policy.simulator import _Clock, _Engine, _Request
+
+    def forward_ms(rows: int) -> float:
+        return 1.0 + 0.5 * rows
+
+    rng = random.Random(0)  # id, arrival (s), rows, steps; arrivals apart, as no two requests reach a replica at once
+    scenario = sorted(((f"r{i}", rng.uniform(0, 0.1), rng.randint(1, 6), rng.randint(1, 8)) for i in range(12)),
+                      key=lambda job: job[1])
+
+    clock, sim_joins, sim_ends = _Clock(), [], {}
+    replica = _Engine(clock, forward_ms, 6, lambda r: sim_ends.update({r.request_id: clock.now}))
+    record_joins(replica.scheduler, sim_joins)
+    for request_id, arrival, rows, steps in scenario:
+        clock.at(arrival, lambda r=_Request(None, request_id, rows, rows, steps): replica.add(r))
+    clock.run()
+
+    class Timed:
+        """The stepper, each forward advancing the fake clock by forward_ms(rows)."""
+
+        def __init__(self, stepper):
+            self.stepper, self.images = stepper, stepper.images
+
+        def execute(self, plan):
+            fake.now += forward_ms(plan.num_rows) / 1000
+            return self.stepper.execute(plan)
+
+        def update(self, plan, out):
+            self.stepper.update(plan, out)
+
+    fake, core_joins, core_ends = Clock(), [], {}
+    fake.now = 0.0
+    core = EngineCore(Timed(DiffusionStepper(FakeRunner())), max_rows=6, clock=fake)
+    record_joins(core.scheduler, core_joins)
+    pending = list(scenario)
+    while pending or core.has_work():
+        if not core.has_work():  # idle: the next request starts a step as it arrives
+            fake.now = max(fake.now, pending[0][1])
+        while pending and pending[0][1] <= fake.now:
+            request_id, _, rows, steps = pending.pop(0)
+            core.add_request(diffusion(n=rows, steps=steps), request_id)
+        core_ends |= {o.request_id: fake.now for o in core.step()}
+
+    assert [r for _, r in sim_joins] == [r for _, r in core_joins] and len(sim_joins) == len(scenario)
+    assert [t for t, _ in sim_joins] == pytest.approx([t for t, _ in core_joins])
+    assert sim_ends == pytest.approx(core_ends)
 
 
 # --- PixelCNN ----------------------------------------------------------------------------------------

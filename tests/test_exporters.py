@@ -1,10 +1,13 @@
 """Exporters: every graph of every family exports, matches its contract and agrees with torch; the runtime
-picks providers by what the machine has; TensorRT says clearly why it is unavailable here."""
+picks providers by what the machine has; TensorRT says clearly why it is unavailable where it is, and builds
+and runs engines where it is not (those tests are @pytest.mark.gpu: tests/conftest.py skips them without an
+NVIDIA GPU)."""
 from __future__ import annotations
 
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 import pytest
 import torch
 
@@ -12,8 +15,8 @@ from core import contracts as C
 from core.contracts import BATCH, GraphContract, contracts_for, sample_inputs
 from exporters.graphs import FlowSample, graph_module
 from exporters.onnx_export import ContractError, ParityError, check_graph, check_parity, export_family, export_onnx
-from core.runtime import choose_providers, make_session, tensorrt_provider_options
-from exporters.tensorrt import BatchProfile, TensorRTUnavailable, build_engine, unavailable_reason
+from core.runtime import choose_providers, gpu_present, make_session, tensorrt_provider_options
+from exporters.tensorrt import BatchProfile, TensorRTUnavailable, build_engine, time_engine, unavailable_reason
 from families.checkpoint import config_to_dict
 from families.registry import FAMILIES, get_family
 
@@ -147,10 +150,18 @@ def test_contract_mismatch_is_an_error(tmp_path):
 
 # ---- runtime provider choice and TensorRT --------------------------------------------------------
 
-def test_this_cpu_machine_runs_on_the_cpu_provider_and_says_why():
+GPU_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider")
+TENSORRT_HERE = unavailable_reason() is None
+
+
+def test_this_machine_gets_the_providers_it_has_and_says_why():
     choice = choose_providers()
-    assert choice.providers == ["CPUExecutionProvider"]
-    assert choice.reason.startswith("CPU: ")
+    if gpu_present() and set(GPU_PROVIDERS) & set(ort.get_available_providers()):
+        assert choice.providers[0] in GPU_PROVIDERS and choice.providers[-1] == "CPUExecutionProvider"
+        assert choice.reason.startswith("GPU found")
+    else:
+        assert choice.providers == ["CPUExecutionProvider"]
+        assert choice.reason.startswith("CPU: ")
 
 
 @pytest.mark.parametrize("available,gpu,expected,reason", [
@@ -173,18 +184,47 @@ def test_tensorrt_provider_profile_covers_the_batch_axis():
     assert opts["trt_profile_max_shapes"] == "z:64x64,y:64"
 
 
-def test_tensorrt_is_unavailable_here_with_a_reason(tmp_path):
-    reason = unavailable_reason()
-    assert reason  # this CPU machine: no tensorrt package or no GPU
-    with pytest.raises(TensorRTUnavailable, match="TensorRT path skipped: "):
-        build_engine(tmp_path / "g.onnx", tmp_path / "g.plan", contracts_for("gan", {})[0])
-    assert not (tmp_path / "g.plan").exists()
+def test_batch_profile_checks_its_order():
     with pytest.raises(ValueError, match="min <= opt <= max"):
         BatchProfile(min=4, opt=2, max=8)
 
 
-def test_tensorrt_command_skips_with_the_reason(capsys, tmp_path):
+@pytest.mark.skipif(TENSORRT_HERE, reason="TensorRT works here: test_tensorrt_builds_and_runs_an_engine covers it")
+def test_without_tensorrt_building_says_why(tmp_path):
+    assert unavailable_reason()  # no tensorrt package, or no GPU
+    with pytest.raises(TensorRTUnavailable, match="TensorRT path skipped: "):
+        build_engine(tmp_path / "g.onnx", tmp_path / "g.plan", contracts_for("gan", {})[0])
+    assert not (tmp_path / "g.plan").exists()
+
+
+@pytest.mark.skipif(TENSORRT_HERE, reason="TensorRT works here: the command builds engines instead")
+def test_without_tensorrt_the_command_skips_with_the_reason(capsys, tmp_path):
     from exporters.tensorrt import main
 
     assert main(["--store", str(tmp_path)]) == 0
     assert capsys.readouterr().out.startswith("TensorRT path skipped: ")
+
+
+# ---- on an NVIDIA GPU ------------------------------------------------------------------------------------
+
+@pytest.mark.gpu
+def test_a_gpu_session_agrees_with_the_cpu(exported):
+    """Where onnxruntime has a GPU provider, sessions run on it and give the CPU's outputs (to fp32 noise)."""
+    if not set(GPU_PROVIDERS) & set(ort.get_available_providers()):
+        pytest.skip("onnxruntime offers no GPU provider here: pip install onnxruntime-gpu")
+    _, g = _graph(exported, "gan", "generate")
+    gpu = make_session(g.path, choice=choose_providers())
+    assert gpu.get_providers()[0] in GPU_PROVIDERS
+    cpu = make_session(g.path, threads=1, choice=choose_providers(has_gpu=False))
+    inputs = sample_inputs(g.contract, 8, np.random.default_rng(0))
+    np.testing.assert_allclose(gpu.run(None, inputs)[0], cpu.run(None, inputs)[0], atol=1e-3)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not TENSORRT_HERE, reason=f"TensorRT unavailable: {unavailable_reason()}")
+def test_tensorrt_builds_and_runs_an_engine(exported, tmp_path):
+    _, g = _graph(exported, "gan", "generate")
+    build = build_engine(g.path, tmp_path / "generate.plan", g.contract, profile=BatchProfile(min=1, opt=8, max=16))
+    assert build.path.stat().st_size > 0 and build.contract == "gan.generate" and build.gpu
+    ms = time_engine(build.path, g.contract, [1, 16], iters=5)
+    assert set(ms) == {1, 16} and all(t > 0 for t in ms.values())

@@ -9,6 +9,7 @@ import io
 import json
 import math
 import struct
+import time
 import urllib.error
 import urllib.request
 import zlib
@@ -23,8 +24,9 @@ from core.contracts import NULL_CLASS
 from families.checkpoint import load_model
 from families.data import load_split
 from genserve.anomaly import auroc, outlier_sets
-from serving.api import family_ops, openapi
-from serving.api.openai import _IGNORED, _KNOWN, APIError
+from serving.api import family_ops, openapi, validation
+from serving.api.errors import APIError
+from serving.api.openai import _IGNORED, _KNOWN, parse_image_request
 from serving.api.png import decode_png, encode_png
 from serving.operations import complexity_bits_per_dim, lerp, pixelcnn_bits_per_dim, slerp
 from tests.helpers import http_json, run_cli
@@ -77,18 +79,49 @@ def test_png_decoder_reads_every_row_filter_and_pillows_output():
         np.testing.assert_array_equal(decode_png(pillow_png(img, optimize=True)), img)
 
 
+def _flip(data: bytes, at: int) -> bytes:
+    """data with one bit of byte `at` flipped."""
+    return data[:at] + bytes([data[at] ^ 1]) + data[at + 1:]
+
+
 @pytest.mark.parametrize("data, message", [
     (b"GIF89a....", "not a PNG"),
     (pillow_png(np.zeros((28, 28, 3), np.uint8)), "must be 8-bit grayscale (bit depth 8, color type 0), got bit "
                                                   "depth 8, color type 2"),
     (pillow_png(np.zeros((28, 28), np.uint16)), "must be 8-bit grayscale"),
-    (encode_png(np.zeros((28, 28), np.uint8))[:-12], "truncated PNG"),
+    (encode_png(np.zeros((28, 28), np.uint8))[:-12], "truncated or unreadable PNG"),         # no IEND
+    (encode_png(np.zeros((28, 28), np.uint8))[:45], "truncated or unreadable PNG"),          # cut in IDAT
     (encode_png(np.zeros((28, 28), np.uint8))[:40] + b"\x00" + encode_png(np.zeros((28, 28), np.uint8))[41:],
-     "fails its CRC"),
+     "corrupt PNG"),                                                                         # a chunk's name
+    (_flip(encode_png(np.zeros((28, 28), np.uint8)), 50), "corrupt PNG (broken PNG file (bad header checksum"),
 ])
 def test_png_decoder_refuses_what_is_not_an_8_bit_grayscale_png(data, message):
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
         decode_png(data)
+
+
+def _png_of_size(w: int, h: int, raw: bytes) -> bytes:
+    def chunk(tag, data):
+        return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data))
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 0, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(raw, 9)) + chunk(b"IEND", b""))
+
+
+def test_png_decoder_refuses_decompression_bombs_before_decompressing():
+    bomb = _png_of_size(20_000, 20_000, b"\x00" * (1 << 20))  # 400 million pixels promised: 1.2 KB sent
+    with pytest.raises(ValueError, match=r"^the PNG is 20000x20000: more than 1048576 pixels$"):
+        decode_png(bomb)
+    with pytest.raises(ValueError, match=r"^the PNG is 20000x20000; images must be 28x28$"):
+        decode_png(bomb, shape=(28, 28))
+    with pytest.raises(ValueError, match=r"^the PNG is 0x0: empty$"):
+        decode_png(_png_of_size(0, 0, b""))
+    # the right size, but image data that inflates to 64 MB: only the 28 rows of 29 bytes are ever inflated
+    start = time.perf_counter()
+    image = decode_png(_png_of_size(28, 28, b"\x00" * (64 << 20)), shape=(28, 28))
+    assert image.shape == (28, 28) and not image.any() and time.perf_counter() - start < 1
+    # the API's guard is the exact size, checked on the header
+    with pytest.raises(APIError, match=r"images\[0\]: the PNG is 20000x20000; images must be 28x28"):
+        family_ops.parse_likelihood({"images": [base64.b64encode(bomb).decode()]}, FAMILIES)
 
 
 # ---- requests ----------------------------------------------------------------------------------------------
@@ -108,6 +141,17 @@ def test_requests_parse_into_jobs():
     assert (req.model, req.method) == ("vae", "reconstruct")
 
 
+@pytest.mark.parametrize("fields, class_id", [
+    ({}, NULL_CLASS), ({"prompt": ""}, NULL_CLASS), ({"prompt": "Bags"}, 8), ({"class_id": 8}, 8),
+    ({"prompt": "bag", "class_id": 8}, 8),            # both, agreeing
+    ({"prompt": "a lovely one", "class_id": 3}, 3),   # free text names no class: class_id decides
+])
+def test_the_class_rule_is_the_generations_one(fields, class_id):
+    """The operations read the class as generations do (validation.class_of): one rule for every API."""
+    assert family_ops.parse_reconstruction({"images": [PNG], **fields}, FAMILIES).job.class_id == class_id
+    assert parse_image_request({"model": "gan", **fields}, FAMILIES).job.class_id == class_id
+
+
 PNG = b64(np.zeros((28, 28), np.uint8))
 
 
@@ -124,7 +168,7 @@ PNG = b64(np.zeros((28, 28), np.uint8))
     ("likelihood", {"images": ["not base64!"]}, 400, "images[0]", "images[0] is not valid base64"),
     ("likelihood", {"images": [PNG, base64.b64encode(b"GIF89a").decode()]}, 400, "images[1]", "images[1]: not a PNG"),
     ("likelihood", {"images": [b64(np.zeros((28, 29), np.uint8))]}, 400, "images[0]",
-     "images[0] is 29x28; images must be 28x28"),
+     "images[0]: the PNG is 29x28; images must be 28x28"),
     ("likelihood", {"images": [base64.b64encode(pillow_png(np.zeros((28, 28, 3), np.uint8))).decode()]}, 400,
      "images[0]", "images[0]: the PNG must be 8-bit grayscale"),
     ("likelihood", {"images": [[[0] * 28] * 27]}, 400, "images[0]", "images[0] must be 28 rows of 28 integers"),
@@ -133,7 +177,10 @@ PNG = b64(np.zeros((28, 28), np.uint8))
     ("likelihood", {"images": [7]}, 400, "images[0]", "images[0] must be a base64 PNG string"),
     ("likelihood", {"images": [PNG], "seed": -1}, 400, "seed", "seed must be an integer in [0, 2**64 - 1]"),
     ("likelihood", {"images": [PNG], "prompt": "a dog"}, 400, "prompt", "prompt 'a dog' names no Fashion-MNIST class"),
-    ("likelihood", {"images": [PNG], "prompt": "bag", "class_id": 8}, 400, "class_id", "give the class as"),
+    ("likelihood", {"images": [PNG], "prompt": "bag", "class_id": 1}, 400, "class_id",
+     "class_id 1 (Trouser) contradicts the prompt, which names Bag"),
+    ("likelihood", {"images": [PNG], "prompt": "bag" * 334}, 400, "prompt",
+     "prompt must be at most 1000 characters, got 1002"),
     ("likelihood", {"images": [PNG], "class_id": 11}, 400, "class_id", "class_id must be an integer in [0, 10]"),
     ("likelihood", {"images": [PNG], "steps": 3}, 400, "steps", "unrecognized request argument: 'steps'"),
     ("likelihood", [PNG], 400, None, "the request body must be a JSON object, got list"),
@@ -439,6 +486,30 @@ def test_the_request_schemas_refuse_what_the_parsers_refuse(spec):
         with pytest.raises(APIError):
             getattr(family_ops, f"parse_{parse}")(body, FAMILIES)
     assert openapi.ErrorResponse.model_json_schema()["required"] == ["error"]
+
+
+def test_the_schemas_bounds_are_the_parsers_limits():
+    """The document's bounds are validation's constants, so a changed limit changes both."""
+    def prop(model, name):
+        schema = model.model_json_schema()["properties"][name]
+        return next((s for s in schema.get("anyOf", [schema]) if s.get("type") != "null"), schema)
+    gen = openapi.ImageGenerationRequest
+    assert (prop(gen, "n")["maximum"], prop(gen, "steps")["maximum"], prop(gen, "seed")["maximum"]) == \
+           (validation.MAX_N, validation.MAX_STEPS, validation.MAX_SEED)
+    assert prop(gen, "prompt")["maxLength"] == validation.MAX_PROMPT_CHARS
+    assert prop(gen, "class_id")["maximum"] == validation.MAX_CLASS_ID == NULL_CLASS
+    assert tuple(prop(gen, "sampler")["enum"]) == validation.SAMPLERS
+    assert tuple(prop(gen, "goal")["enum"]) == validation.GOALS
+    assert set(prop(gen, "quality")["enum"]) == set(validation.TIERS) | set(validation.OPENAI_QUALITY)
+    frames = prop(openapi.InterpolationRequest, "frames")
+    assert (frames["minimum"], frames["maximum"], frames["default"]) == \
+           (validation.MIN_FRAMES, validation.MAX_FRAMES, validation.DEFAULT_FRAMES)
+    assert prop(openapi.LikelihoodRequest, "images")["maxItems"] == validation.MAX_IMAGES
+    # and the parsers hold to the same numbers
+    with pytest.raises(APIError, match=f"n must be an integer in \\[1, {validation.MAX_N}\\]"):
+        parse_image_request({"n": validation.MAX_N + 1}, FAMILIES)
+    with pytest.raises(APIError, match=f"frames must be an integer in \\[2, {validation.MAX_FRAMES}\\]"):
+        family_ops.parse_interpolation({"seeds": [1, 2], "frames": validation.MAX_FRAMES + 1}, FAMILIES)
 
 
 def test_genserve_anomaly_prints_the_separation_table(url, capsys):

@@ -17,8 +17,8 @@ from tritonclient.grpc import model_config_pb2, service_pb2, service_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
 from core.contracts import NULL_CLASS
+from serving.api.errors import APIError
 from serving.api.kserve_grpc import status_code
-from serving.api.openai import APIError
 from tests.helpers import APP, SERVED_FAMILIES
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # Ray's, not ours
@@ -28,6 +28,7 @@ FAST = {"diffusion": {"steps": 2},   # per model: parameters that keep the test 
 
 def test_status_codes():
     codes = {(400, None): "INVALID_ARGUMENT", (404, "model_not_found"): "NOT_FOUND",
+             (429, "slo_unattainable"): "RESOURCE_EXHAUSTED",
              (503, "overloaded"): "RESOURCE_EXHAUSTED", (503, "engine_stopped"): "UNAVAILABLE",
              (504, "deadline_exceeded"): "DEADLINE_EXCEEDED", (500, "model_error"): "INTERNAL"}
     for (status, code), name in codes.items():
@@ -104,7 +105,7 @@ def status_of(call) -> tuple[str, str]:
 def engine_stats(model: str) -> dict:
     from ray import serve
 
-    return serve.get_deployment_handle(model, app_name=APP).stats.remote().result(timeout_s=30)
+    return vars(serve.get_deployment_handle(model, app_name=APP).metrics.remote().result(timeout_s=30))
 
 
 def test_health_and_server_metadata(client):

@@ -14,8 +14,8 @@ import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
 from core.contracts import NULL_CLASS
+from serving.api.errors import APIError
 from serving.api.kserve import decode_input, parse_infer
-from serving.api.openai import APIError
 from tests.helpers import SERVED_FAMILIES, http_json
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # Ray's and gevent's, not ours

@@ -4,8 +4,9 @@ coordinated omission) and the report of a recorded run opening in headless Chrom
 from __future__ import annotations
 
 import asyncio
+import csv
 import json
-import py_compile
+import os
 import socket
 import subprocess
 import sys
@@ -461,5 +462,20 @@ def test_report_says_what_it_lacks(stub, tmp_path):
     assert "no metrics scraped" in text and "no request had a latency SLO" in text
 
 
-def test_locustfile_compiles():
-    py_compile.compile(str(SCENARIOS.parent / "locustfile.py"), doraise=True)
+def test_locustfile_runs_against_the_stub(stub, tmp_path):
+    """Locust itself runs the locustfile headless for 3 s against the stub: its users post the scenario's mix
+    to the OpenAI route, the stub sees those requests and Locust counts them, none failed."""
+    scenario = load_scenario(SCENARIOS / "smoke.yaml")
+    command = [sys.executable, "-m", "locust", "-f", str(SCENARIOS.parent / "locustfile.py"), "--headless",
+               "-u", "2", "-r", "2", "-t", "3s", "--host", stub.url, "--csv", str(tmp_path / "locust"),
+               "--only-summary", "--loglevel", "WARNING"]
+    run = subprocess.run(command, cwd=SCENARIOS.parents[1], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "GENSERVE_SCENARIO": str(SCENARIOS / "smoke.yaml")})
+    assert run.returncode == 0, run.stderr[-3000:]   # Locust exits 1 when any request failed
+    with open(tmp_path / "locust_stats.csv") as f:
+        stats = {row["Name"]: row for row in csv.DictReader(f)}
+    sent, failed = int(stats["Aggregated"]["Request Count"]), int(stats["Aggregated"]["Failure Count"])
+    assert sent >= 10 and failed == 0, stats["Aggregated"]
+    assert set(stats) - {"Aggregated"} == {f"{t.model} n={t.n}" for t in scenario.mix}   # both templates ran
+    assert len(stub.bodies) >= sent   # (a request in flight when the run stopped reached the stub, uncounted)
+    assert {(b["model"], b["n"], b["prompt"]) for b in stub.bodies} == {(t.model, t.n, t.prompt) for t in scenario.mix}

@@ -19,7 +19,8 @@ import pytest
 from core.contracts import NULL_CLASS
 from model_store import ModelStore
 from serving.api.classes import class_from_prompt
-from serving.api.openai import APIError, parse_image_request
+from serving.api.errors import APIError
+from serving.api.openai import parse_image_request
 from serving.api.png import encode_png
 from tests.helpers import APP, MAX_BATCH, MAX_WAIT_MS, ONE_PASS, SERVED_FAMILIES, http_json
 
@@ -100,6 +101,8 @@ def test_request_parsing():
     ({"model": "diffusion", "steps": 0}, 400, "steps", "steps must be an integer in [1, 1000], got 0"),
     ({"model": "diffusion", "sampler": "euler"}, 400, "sampler", "sampler must be one of ddim, dpmpp_2m, got 'euler'"),
     ({"latency_slo_ms": 0}, 400, "latency_slo_ms", "latency_slo_ms must be a number > 0, got 0"),
+    ({"prompt": "x" * 1001}, 400, "prompt", "prompt must be at most 1000 characters, got 1001"),
+    ({"prompt": 3}, 400, "prompt", "prompt must be a string, got 3"),
     ({"seeds": 1}, 400, "seeds", "unrecognized request argument: 'seeds'"),
     ([1, 2], 400, None, "the request body must be a JSON object, got list"),
 ])
@@ -108,6 +111,15 @@ def test_request_errors(body, status, param, message):
     assert (err.status, err.param) == (status, param)
     assert err.message.startswith(message), err.message
     assert set(err.body()["error"]) == {"message", "type", "param", "code"}
+
+
+def test_the_error_type_follows_the_status():
+    types = {status: APIError(status, "m").body()["error"]["type"] for status in (400, 404, 429, 500, 503, 504)}
+    assert types == {400: "invalid_request_error", 404: "invalid_request_error", 429: "rate_limit_error",
+                     500: "server_error", 503: "server_error", 504: "timeout_error"}
+    assert APIError(429, "m", retry_after_s=1.2).headers() == {"Retry-After": "2"}
+    assert APIError(503, "m").headers() == {"Retry-After": "1"} and APIError(400, "m").headers() is None
+    assert APIError(404, "no such model").v2_body() == {"error": "no such model"}
 
 
 def test_prompts_name_classes():
@@ -143,7 +155,7 @@ def generate(client, model, **extra):
 def stats(model: str) -> dict:
     from ray import serve
 
-    return serve.get_deployment_handle(model, app_name=APP).stats.remote().result(timeout_s=30)
+    return vars(serve.get_deployment_handle(model, app_name=APP).metrics.remote().result(timeout_s=30))
 
 
 def test_models_list(client, store):
@@ -292,12 +304,12 @@ def test_errors_in_openai_shape_and_the_server_keeps_serving(client, server):
 
 
 def _deploy_gan_batching(client, server, settings: dict) -> None:
-    from serving.app import deploy
+    from genserve.launch import deploy_local
 
     for d in server["config"]["applications"][0]["deployments"]:
         if d["name"] == "gan":
             d["user_config"] = settings
-    deploy(server["config"], timeout_s=120)
+    deploy_local(server["config"], timeout_s=120)
     deadline = time.monotonic() + 60  # the controller hands the new user_config to the replica just after
     while (gan := client.models.retrieve("gan")).settings != settings:
         assert time.monotonic() < deadline, gan.settings

@@ -3,13 +3,20 @@ from __future__ import annotations
 
 import copy
 import math
+import random
+import subprocess
+import sys
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 
 from core.contracts import NULL_CLASS
+from serving.engine.scheduler import Scheduler
+from serving.engine.state import RequestState
 from serving.policy import (Decision, Hints, LiveState, Outcome, Policy, PolicyConfig, Rejection, ServedModel,
                             candidates_of, setting_key)
+from serving.policy.latency import Work, play
 from serving.policy.simulator import SimConfig, main, poisson_ramp, simulate, summarize, synthetic_models
 
 BEST = "diffusion ddim/50 g=2.0"     # the synthetic models' best FD (40.0)
@@ -246,6 +253,49 @@ def test_counters():
     s = p.stats
     assert s.decisions == {"gan": 3} and s.rejections == {"slo_unattainable": 1}
     assert s.slo_met == {"gan": 1} and s.slo_missed == {"gan": 1} and s.abandoned == {"gan": 1}
+
+
+# ---- the engine's own admission -------------------------------------------------------------------------------
+
+def scheduler_finishes(jobs: list[tuple[float, int, int]], budget: int, step_ms) -> dict[int, float]:
+    """When each job (arrival ms, rows, steps) ends, in ms, served by the engine's Scheduler one step at a
+    time, each step taking step_ms(rows); an idle engine steps as soon as a request arrives."""
+    pending = sorted(enumerate(jobs), key=lambda job: job[1][0])
+    sched, t, finished = Scheduler(budget), 0.0, {}
+    while pending or sched.running or sched.waiting:
+        if not (sched.running or sched.waiting):
+            t = max(t, pending[0][1][0])
+        while pending and pending[0][1][0] <= t:
+            i, (arrival, rows, steps) = pending.pop(0)
+            sched.add(RequestState(str(i), rows, rows, steps, arrival))
+        plan = sched.schedule(t)
+        t += step_ms(plan.num_rows)
+        finished |= {int(s.request_id): t for s in sched.update(plan)}
+    return finished
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_the_latency_model_replays_the_engines_admission(seed):
+    """latency.play jumps over whole runs of steps, but admits with the scheduler's own rule: on random
+    arrivals, widths and step counts, every request ends when the Scheduler stepped one step at a time
+    ends it."""
+    rng = random.Random(seed)
+    jobs = [(rng.uniform(0, 100), rng.randint(1, 8), rng.randint(1, 12)) for _ in range(30)]
+
+    def step_ms(rows: int) -> float:
+        return 1.0 + 0.25 * rows
+
+    ledger = [Work(i, rows, steps, arrival / 1000) for i, (arrival, rows, steps) in
+              sorted(enumerate(jobs), key=lambda job: job[1][0])]
+    replayed = play(ledger, iterative=True, budget=8, step_ms=step_ms, max_wait_ms=0.0, origin=0.0)
+    assert replayed == pytest.approx(scheduler_finishes(jobs, 8, step_ms))
+
+
+def test_the_policy_and_the_scheduler_import_without_torch():
+    """The ingress never imports torch, and its policy admits with the engine's scheduler."""
+    code = ("import sys, serving.policy.simulator, serving.engine.scheduler, serving.engine\n"
+            "assert 'torch' not in sys.modules")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parents[1])
 
 
 # ---- the simulator -------------------------------------------------------------------------------------------

@@ -1,6 +1,9 @@
 """Sampler step maths against diffusers (the numerical oracle), per-sample independence, validation."""
 
 import ast
+import pkgutil
+import subprocess
+import sys
 from pathlib import Path
 
 import diffusers  # the numerical oracle; a test-only dependency
@@ -278,10 +281,48 @@ def test_ddim_step_requires_noise_when_eta_positive():
         ddim_step(x, x, per_row(0.1), per_row(0.2), torch.tensor([0.0, 0.5]), None)
 
 
-def test_samplers_import_only_torch_and_stdlib():
-    allowed = {"torch", "dataclasses", "collections", "serving"}
-    for path in (Path(__file__).parents[1] / "serving" / "samplers").glob("*.py"):
-        for node in ast.walk(ast.parse(path.read_text())):
-            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
-                     else [node.module] if isinstance(node, ast.ImportFrom) else [])
-            assert {n.split(".")[0] for n in names} <= allowed, f"{path.name} imports {names}"
+ROOT = Path(__file__).parents[1]
+# core/ is what every layer may import; it may import none of them (nor may the samplers, through it)
+FORBIDDEN = ("serving", "model_store", "exporters", "families", "genserve", "loadtests", "benchmarks")
+
+
+def _top_level_imports(path: Path) -> set[str]:
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.level == 0:
+            names.add(node.module)
+    return names
+
+
+def test_samplers_import_only_torch_the_stdlib_and_core():
+    """Pure step maths: no numpy, no runtime, no Ray, nothing of serving; read from the source, so an import
+    inside a function counts too."""
+    paths = sorted((ROOT / "core" / "samplers").glob("*.py"))
+    assert {"ddim.py", "dpm_solver.py", "schedule.py"} <= {p.name for p in paths}  # the test reads the samplers
+    allowed = set(sys.stdlib_module_names) | {"torch", "core"}
+    for path in paths:
+        names = _top_level_imports(path)
+        assert {n.split(".")[0] for n in names} <= allowed, f"{path.name} imports {sorted(names)}"
+        assert not {n for n in names if n.startswith("core.runtime")}, f"{path.name} imports the runtime"
+
+
+def _imported_packages(modules: list[str]) -> list[str]:
+    """The FORBIDDEN packages in sys.modules after a fresh interpreter imports `modules`."""
+    script = ("import importlib, sys\n"
+              f"for m in {modules!r}:\n    importlib.import_module(m)\n"
+              f"print(sorted({{n.split('.')[0] for n in sys.modules}} & set({FORBIDDEN!r})))")
+    out = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    return ast.literal_eval(out.stdout.strip().splitlines()[-1])
+
+
+def test_core_and_the_samplers_import_nothing_above_them():
+    """Importing core.samplers and every module of core pulls in no serving, model_store, exporters, families,
+    genserve, loadtests or benchmarks module, however indirectly (checked in a fresh interpreter)."""
+    import core
+    modules = ["core.samplers"] + [m.name for m in pkgutil.walk_packages(core.__path__, "core.")]
+    assert {"core.samplers.ddim", "core.contracts", "core.settings"} <= set(modules)
+    assert _imported_packages(modules) == []
+    assert _imported_packages(["serving.api.classes"]) == ["serving"]  # the check sees what it looks for

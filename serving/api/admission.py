@@ -44,8 +44,7 @@ class Admission:
                     **{k: getattr(job, k) for k in SAMPLING_FIELDS})
         outcome = self.policy.decide(ask, time.monotonic())
         if isinstance(outcome, Rejection):
-            raise APIError(outcome.http_status, outcome.message, type="server_error" if outcome.http_status == 429
-                           else "invalid_request_error", code=outcome.reason, retry_after_s=outcome.retry_after_s)
+            raise APIError(outcome.http_status, outcome.message, code=outcome.reason, retry_after_s=outcome.retry_after_s)
         settings = {k: v for k, v in outcome.settings.items() if k in SAMPLING_FIELDS}
         return outcome, dataclasses.replace(job, **settings)
 

@@ -15,7 +15,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from serving.api.openai import APIError
+from serving.api.errors import APIError
 from serving.api.openapi import openapi_document
 from serving.observability import note_error_code
 from serving.observability.http import observe_http
@@ -36,7 +36,7 @@ api.middleware("http")(observe_http)  # request duration by model, route, protoc
 def _error(request: Request, err: APIError, headers: dict | None = None) -> JSONResponse:
     """An error in the shape of the protocol the route belongs to: KServe v2's {"error": message} under /v2,
     OpenAI's everywhere else."""
-    body = {"error": err.message} if request.url.path.startswith("/v2") else err.body()
+    body = err.v2_body() if request.url.path.startswith("/v2") else err.body()
     return JSONResponse(body, status_code=err.status, headers=headers)
 
 
@@ -65,7 +65,7 @@ async def _validation_error(request: Request, exc: RequestValidationError) -> JS
 @api.exception_handler(Exception)
 async def _internal_error(request: Request, exc: Exception) -> JSONResponse:
     logger.exception("genserve ingress: unexpected error")
-    err = APIError(500, f"internal error: {type(exc).__name__}", type="server_error", code="internal_error")
+    err = APIError(500, f"internal error: {type(exc).__name__}", code="internal_error")
     return _error(request, err)
 
 

@@ -1,15 +1,17 @@
 """The ingress deployment: every public protocol in, validated GenerationJobs out to the model deployments.
 Each HTTP protocol's routes are a router included in the shared FastAPI app (serving/api/http.py); this
 class holds what they share: the model handles and the one call to a model, bounded by the request's deadline, with
-the model's failures mapped to API errors (serving.api.openai.APIError, which each protocol renders in
+the model's failures mapped to API errors (serving.api.errors.APIError, which each protocol renders in
 its own shape).
 
 Imports no runtime and no torch: the model deployments hold the sessions and the engine."""
 import asyncio
 import dataclasses
+import time
 from typing import Any
 
 from ray import serve
+from ray.exceptions import ActorDiedError, ActorUnavailableError
 from ray.serve.exceptions import BackPressureError, RequestCancelledError
 from ray.serve.handle import DeploymentHandle
 
@@ -23,12 +25,17 @@ from serving.api.kserve import OpenInference
 from serving.api.kserve_grpc import GRPCInferenceService
 from serving.api.validation import AUTO
 from serving.errors import DeadlineExceeded, EngineStopped, RequestCancelled
-from serving.observability import note_model, observe_model_call, record_decision
+from serving.observability import note_model, observe_model_call, record_decision, record_retry
 
-# Errors a model deployment raises on purpose (serving.errors, torch-free) -> status, error type, code
-_REQUEST_ERRORS = {DeadlineExceeded: (504, "timeout_error", "deadline_exceeded"),
-                   RequestCancelled: (503, "server_error", "request_cancelled"),
-                   EngineStopped: (503, "server_error", "engine_stopped")}
+# Errors a model deployment raises on purpose (serving.errors, torch-free) -> status, error code
+_REQUEST_ERRORS = {DeadlineExceeded: (504, "deadline_exceeded"),
+                   RequestCancelled: (503, "request_cancelled"),
+                   EngineStopped: (503, "engine_stopped")}
+
+# A call whose replica died is sent again (seeded jobs are idempotent) at most this often, and only with at
+# least MIN_RETRY_S of its deadline left: a retry that cannot finish would only add load to the survivors.
+MAX_REPLICA_RETRIES = 2
+MIN_RETRY_S = 0.05
 
 api.include_router(openai_routes.router)
 api.include_router(family_routes.router)
@@ -94,34 +101,53 @@ class Ingress(GRPCInferenceService):  # gRPC: Serve's proxy calls the method nam
 
     async def _call_model(self, model: str, job: GenerationJob | InterpolationJob | ImagesJob,
                           method: str = "generate") -> Any:
+        """One call to a model's deployment within the job's deadline. A replica that dies under the call (its
+        node lost, a crash) is not the request's failure: every job is seeded (the API fixes a seed when the
+        client gives none), so the same job on another replica returns the same images, and it is sent again
+        while the deadline leaves time. Serve's router drops the dead replica from its choices at once."""
         note_model(model)  # the request's model label
         timeout = getattr(job, "timeout_s", None) or self.timeout_s
+        deadline = time.monotonic() + timeout
+        for attempt in range(1 + MAX_REPLICA_RETRIES):
+            try:
+                return await self._call_replica(model, job, method, deadline - time.monotonic(), timeout)
+            except (ActorDiedError, ActorUnavailableError) as lost:
+                if attempt == MAX_REPLICA_RETRIES or deadline - time.monotonic() < MIN_RETRY_S:
+                    raise APIError(503, f"{model}'s replica was lost mid-request and no other could answer in "
+                                        "time; retry shortly", code="replica_lost",
+                                   retry_after_s=1.0) from None
+                logger.warning("genserve ingress: %s's replica was lost (%s); retrying on another",
+                               model, type(lost).__name__)
+                record_retry(model)
+
+    async def _call_replica(self, model: str, job: GenerationJob | InterpolationJob | ImagesJob, method: str,
+                            remaining_s: float, timeout_s: float) -> Any:
+        """One attempt: the model's errors mapped to API errors, but a lost replica raised as Ray's own error
+        for _call_model to retry."""
         response = getattr(self.models[model], method).remote(job)
         try:
-            return await asyncio.wait_for(response, timeout)  # a DeploymentResponse is awaitable
+            return await asyncio.wait_for(response, max(remaining_s, 0.001))  # a DeploymentResponse is awaitable
         except asyncio.CancelledError:  # the caller gave up (e.g. a sibling call failed): so does the model
             response.cancel()
             raise
         except TimeoutError:
             response.cancel()  # the job leaves the model's queue (or the engine's batch) too
-            raise APIError(504, f"{model} did not answer within {timeout * 1000:.0f} ms", type="timeout_error",
-                           code="deadline_exceeded") from None
+            raise APIError(504, f"{model} did not answer within {timeout_s * 1000:.0f} ms", code="deadline_exceeded") from None
         except BackPressureError:
-            raise APIError(503, f"{model} is at capacity; retry shortly", type="server_error",
-                           code="overloaded") from None
+            raise APIError(503, f"{model} is at capacity; retry shortly", code="overloaded") from None
         except RequestCancelledError:
-            raise APIError(503, f"the request to {model} was cancelled", type="server_error",
-                           code="request_cancelled") from None
+            raise APIError(503, f"the request to {model} was cancelled", code="request_cancelled") from None
         except Exception as exc:
             cause = getattr(exc, "cause", None) or exc  # a RayTaskError carries the replica's exception
-            for error, (status, kind, code) in _REQUEST_ERRORS.items():
+            if isinstance(cause, (ActorDiedError, ActorUnavailableError)):
+                raise cause from None
+            for error, (status, code) in _REQUEST_ERRORS.items():
                 if isinstance(cause, error):
-                    raise APIError(status, str(cause), type=kind, code=code) from None
+                    raise APIError(status, str(cause), code=code) from None
             if isinstance(cause, ValueError):  # a check the deployment makes (the API checks first)
                 raise APIError(400, str(cause)) from None
             logger.exception("genserve ingress: %s failed", model)
-            raise APIError(500, f"{model} failed: {type(cause).__name__}: {cause}", type="server_error",
-                           code="model_error") from None
+            raise APIError(500, f"{model} failed: {type(cause).__name__}: {cause}", code="model_error") from None
 
 
 async def _all(calls) -> list:

@@ -14,7 +14,8 @@ Every served model, and `auto`, is a v2 model:
              (quality, goal, best_effort, max_fd, min_class_accuracy) and Triton's timeout (microseconds,
              0 = none); the tighter of latency_slo_ms and timeout is the request's deadline.
 
-Errors are serving.api.openai.APIError (status + message), which each transport renders in its own shape.
+Errors are serving.api.errors.APIError (status + message), which each transport renders in its own shape;
+the checks shared with the other APIs are serving.api.validation's.
 """
 from __future__ import annotations
 
@@ -30,10 +31,12 @@ from typing import Any
 
 import numpy as np
 
+from core.checks import is_int
 from core.contracts import IMAGE_SHAPE
+from serving.api.errors import invalid, model_not_found
 from serving.api.jobs import GenerationJob, ModelInfo, PolicyHints
-from serving.api.openai import (AUTO, MAX_N, POLICY_HINTS, APIError, check_class_id, check_seed, policy_hints,
-                                resolve_model, sampling_options)
+from serving.api.validation import (AUTO, MAX_N, POLICY_HINTS, SAMPLING_EXTRAS, check_class_id, check_seed,
+                                    policy_hints, resolve_model, sampling_options)
 
 SERVER_NAME = "genserve"
 PLATFORM = "genserve"        # a v2 model here is a genserve sampling path, not one graph
@@ -54,16 +57,8 @@ class TensorSpec:
 CLASS_ID, SEED, IMAGE = "class_id", "seed", "image"
 INPUTS = {CLASS_ID: TensorSpec(CLASS_ID, "INT64", (-1,)), SEED: TensorSpec(SEED, "INT64", (-1,), optional=True)}
 OUTPUTS = {IMAGE: TensorSpec(IMAGE, "UINT8", (-1, *IMAGE_SHAPE[1:]))}
-PARAMETERS = ("sampler", "steps", "guidance_scale", "latency_slo_ms", "timeout", *POLICY_HINTS)
+PARAMETERS = (*SAMPLING_EXTRAS, "latency_slo_ms", "timeout", *POLICY_HINTS)
 _BYTES = {"INT64": 8}        # bytes per element of the input datatypes
-
-
-def not_found(message: str) -> APIError:
-    return APIError(404, message, code="model_not_found")
-
-
-def invalid(message: str) -> APIError:
-    return APIError(400, message)
 
 
 # ---- request decoding ------------------------------------------------------------------------------------
@@ -73,24 +68,24 @@ def decode_input(name: Any, datatype: Any, shape: Any, data: Any) -> tuple[str, 
     gRPC's raw_input_contents) or a list of numbers, possibly nested (JSON `data`, gRPC typed contents)."""
     spec = INPUTS.get(name)
     if spec is None:
-        raise invalid(f"unknown input {name!r}; inputs: {_tensor_list(INPUTS)}")
+        raise invalid(None, f"unknown input {name!r}; inputs: {_tensor_list(INPUTS)}")
     if datatype != spec.datatype:
-        raise invalid(f"input {name!r} must be {spec.datatype}, got {datatype!r}")
-    if (not isinstance(shape, (list, tuple)) or len(shape) != 1 or not _is_int(shape[0])
+        raise invalid(None, f"input {name!r} must be {spec.datatype}, got {datatype!r}")
+    if (not isinstance(shape, (list, tuple)) or len(shape) != 1 or not is_int(shape[0])
             or not 1 <= shape[0] <= MAX_N):
-        raise invalid(f"input {name!r} must have shape [n] with 1 <= n <= {MAX_N} (one element per image), "
-                      f"got {list(shape) if isinstance(shape, (list, tuple)) else shape!r}")
+        raise invalid(None, f"input {name!r} must have shape [n] with 1 <= n <= {MAX_N} (one element per image), "
+                            f"got {list(shape) if isinstance(shape, (list, tuple)) else shape!r}")
     n = int(shape[0])
     if isinstance(data, (bytes, bytearray, memoryview)):
         if len(data) != n * _BYTES[datatype]:
-            raise invalid(f"input {name!r}: shape {[n]} {datatype} takes {n * _BYTES[datatype]} bytes, "
-                          f"got {len(data)}")
+            raise invalid(None, f"input {name!r}: shape {[n]} {datatype} takes {n * _BYTES[datatype]} bytes, "
+                                f"got {len(data)}")
         return name, np.frombuffer(data, "<i8").tolist()
     values = list(_flatten(data)) if isinstance(data, (list, tuple)) else None
-    if values is None or not all(_is_int(v) and -2**63 <= v < 2**63 for v in values):
-        raise invalid(f"input {name!r}: data must be a list of {datatype} integers")
+    if values is None or not all(is_int(v) and -2**63 <= v < 2**63 for v in values):
+        raise invalid(None, f"input {name!r}: data must be a list of {datatype} integers")
     if len(values) != n:
-        raise invalid(f"input {name!r}: shape {[n]} needs {n} values, got {len(values)}")
+        raise invalid(None, f"input {name!r}: shape {[n]} needs {n} values, got {len(values)}")
     return name, values
 
 
@@ -115,14 +110,14 @@ def parse_infer(name: str, version: str, request_id: str, inputs: list[tuple[str
     model = resolve_model(name, families)
     tensors = dict(inputs)
     if len(tensors) != len(inputs):
-        raise invalid("each input may appear once")
+        raise invalid(None, "each input may appear once")
     if CLASS_ID not in tensors:
-        raise invalid(f"input {CLASS_ID!r} is required; inputs: {_tensor_list(INPUTS)}")
+        raise invalid(None, f"input {CLASS_ID!r} is required; inputs: {_tensor_list(INPUTS)}")
     for output in outputs:
         if output not in OUTPUTS:
-            raise invalid(f"unknown output {output!r}; outputs: {_tensor_list(OUTPUTS)}")
+            raise invalid(None, f"unknown output {output!r}; outputs: {_tensor_list(OUTPUTS)}")
     if unknown := sorted(set(parameters) - set(PARAMETERS)):
-        raise invalid(f"unknown parameter {unknown[0]!r}; parameters: {', '.join(PARAMETERS)}")
+        raise invalid(None, f"unknown parameter {unknown[0]!r}; parameters: {', '.join(PARAMETERS)}")
 
     class_ids = [check_class_id(c) for c in tensors[CLASS_ID]]
     seeds, drawn = tensors.get(SEED), None
@@ -130,18 +125,15 @@ def parse_infer(name: str, version: str, request_id: str, inputs: list[tuple[str
         drawn = secrets.randbits(32)  # reported in the response, so every image can be made again
         seeds = [drawn + i for i in range(len(class_ids))]
     elif len(seeds) != len(class_ids):
-        raise invalid(f"input {SEED!r} must have the shape of {CLASS_ID!r}: one seed per image, "
-                      f"got {len(seeds)} for {len(class_ids)}")
+        raise invalid(None, f"input {SEED!r} must have the shape of {CLASS_ID!r}: one seed per image, "
+                            f"got {len(seeds)} for {len(class_ids)}")
     options = sampling_options(parameters, model, families.get(model))
     timeout_us = parameters.get("timeout")
-    if timeout_us is not None and (not _is_int(timeout_us) or timeout_us < 0):
-        raise invalid(f"timeout (microseconds, 0 = none) must be an integer >= 0, got {timeout_us!r}")
+    if timeout_us is not None and (not is_int(timeout_us) or timeout_us < 0):
+        raise invalid(None, f"timeout (microseconds, 0 = none) must be an integer >= 0, got {timeout_us!r}")
     if timeout_us:
         options["timeout_s"] = min(timeout_us / 1e6, options["timeout_s"] or math.inf)
-    try:
-        hints = policy_hints(parameters)
-    except APIError as err:  # OpenAI's checks name the parameter in `param`; v2's message must say it
-        raise invalid(err.message) from None
+    hints = policy_hints(parameters)  # its messages name the parameter, as v2's {"error": message} needs
     jobs = tuple(GenerationJob(class_id=c, n=1, seed=check_seed(s), **options) for c, s in zip(class_ids, seeds))
     return InferRequest(name, model, version, request_id, jobs, drawn, hints)
 
@@ -269,9 +261,9 @@ class OpenInference:
     @staticmethod
     def _check_version(name: str, version: str, info: ModelInfo) -> None:
         if version and name == AUTO:
-            raise not_found(f"model {AUTO!r} has no versions: it routes to a served model")
+            raise model_not_found(f"model {AUTO!r} has no versions: it routes to a served model")
         if version and version != info.version:
-            raise not_found(f"model {name!r} has no version {version!r}; it serves version {info.version!r}")
+            raise model_not_found(f"model {name!r} has no version {version!r}; it serves version {info.version!r}")
 
 
 def _statistics(info: ModelInfo, s: ModelStats) -> dict[str, Any]:
@@ -300,7 +292,3 @@ def _flatten(data: list | tuple):
             yield from _flatten(v)
         else:
             yield v
-
-
-def _is_int(v: Any) -> bool:
-    return isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))

@@ -21,8 +21,9 @@ import logging
 import grpc
 from google.protobuf import json_format
 
+from serving.api.errors import APIError, invalid
 from serving.api.kserve import IMAGE, OUTPUTS, decode_input, parse_infer
-from serving.api.openai import APIError, resolve_model
+from serving.api.validation import resolve_model
 
 logger = logging.getLogger("ray.serve")
 
@@ -34,12 +35,8 @@ def _pb():
 
 
 def status_code(err: APIError) -> grpc.StatusCode:
-    """The gRPC status of an API error (its HTTP status and code)."""
-    if err.code == "overloaded" or err.status == 429:
-        return grpc.StatusCode.RESOURCE_EXHAUSTED
-    return {400: grpc.StatusCode.INVALID_ARGUMENT, 404: grpc.StatusCode.NOT_FOUND,
-            503: grpc.StatusCode.UNAVAILABLE, 504: grpc.StatusCode.DEADLINE_EXCEEDED}.get(
-        err.status, grpc.StatusCode.INTERNAL)
+    """The gRPC status of an API error (serving.api.errors maps its HTTP status and code)."""
+    return grpc.StatusCode[err.grpc_status()]
 
 
 def parameter_value(p) -> object:
@@ -120,8 +117,8 @@ class GRPCInferenceService:
         resolve_model(request.model_name, self.families)  # unknown: 404 before input checks
         raw = request.raw_input_contents
         if raw and len(raw) != len(request.inputs):
-            raise APIError(400, f"raw_input_contents must hold one entry per input ({len(request.inputs)}), "
-                                f"got {len(raw)}")
+            raise invalid("raw_input_contents", f"raw_input_contents must hold one entry per input "
+                                                f"({len(request.inputs)}), got {len(raw)}")
         inputs = [decode_input(t.name, t.datatype, list(t.shape), raw[i] if raw else list(t.contents.int64_contents))
                   for i, t in enumerate(request.inputs)]
         parameters = {k: parameter_value(v) for k, v in request.parameters.items()}

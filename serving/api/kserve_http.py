@@ -17,9 +17,11 @@ import json
 from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import JSONResponse
 
+from core.checks import is_int
+from serving.api.errors import invalid
 from serving.api.http import current_ingress, decode_json
-from serving.api.kserve import IMAGE, OUTPUTS, InferResult, decode_input, invalid, parse_infer
-from serving.api.openai import resolve_model
+from serving.api.kserve import IMAGE, OUTPUTS, InferResult, decode_input, parse_infer
+from serving.api.validation import resolve_model
 
 router = APIRouter(prefix="/v2")
 HEADER_LENGTH = "Inference-Header-Content-Length"
@@ -78,9 +80,9 @@ async def infer(model: str, request: Request, version: str = "", ingress=Depends
     resolve_model(model, ingress.families)  # an unknown model: 404 before body checks
     body, binary = _split_body(await request.body(), request.headers.get(HEADER_LENGTH))
     if not isinstance(body, dict):
-        raise invalid(f"the request body must be a JSON object, got {type(body).__name__}")
+        raise invalid(None, f"the request body must be a JSON object, got {type(body).__name__}")
     if unknown := sorted(set(body) - _REQUEST_FIELDS):
-        raise invalid(f"unknown field {unknown[0]!r}; a request has {', '.join(sorted(_REQUEST_FIELDS))}")
+        raise invalid(None, f"unknown field {unknown[0]!r}; a request has {', '.join(sorted(_REQUEST_FIELDS))}")
     parameters = _object(body.get("parameters"), "parameters")
     binary_default = _flag(parameters.pop("binary_data_output", False), "binary_data_output")
     inputs = _inputs(_list(body.get("inputs"), "inputs"), binary)
@@ -98,8 +100,8 @@ def _split_body(raw: bytes, header_length: str | None) -> tuple[object, bytes]:
     if header_length is None:
         return decode_json(raw), b""
     if not header_length.isdigit() or int(header_length) > len(raw):
-        raise invalid(f"{HEADER_LENGTH} must be the length of the JSON part of the body (at most {len(raw)}), "
-                      f"got {header_length!r}")
+        raise invalid(None, f"{HEADER_LENGTH} must be the length of the JSON part of the body (at most {len(raw)}), "
+                            f"got {header_length!r}")
     n = int(header_length)
     return decode_json(raw[:n]), raw[n:]
 
@@ -112,16 +114,16 @@ def _inputs(items: list, binary: bytes) -> list[tuple[str, list[int]]]:
         size = _parameters(item, {"binary_data_size"}).get("binary_data_size")
         if size is None:
             if "data" not in item:
-                raise invalid(f"input {item.get('name')!r} has neither data nor parameters.binary_data_size")
+                raise invalid(None, f"input {item.get('name')!r} has neither data nor parameters.binary_data_size")
             data = item["data"]
-        elif not isinstance(size, int) or isinstance(size, bool) or not 0 <= size <= len(binary) - offset:
-            raise invalid(f"input {item.get('name')!r}: binary_data_size {size!r} does not fit the "
-                          f"{len(binary) - offset} bytes of binary data left")
+        elif not is_int(size) or not 0 <= size <= len(binary) - offset:
+            raise invalid(None, f"input {item.get('name')!r}: binary_data_size {size!r} does not fit the "
+                                f"{len(binary) - offset} bytes of binary data left")
         else:
             data, offset = binary[offset:offset + size], offset + size
         decoded.append(decode_input(item.get("name"), item.get("datatype"), item.get("shape"), data))
     if offset != len(binary):
-        raise invalid(f"{len(binary) - offset} bytes of binary data after the inputs' binary_data_size")
+        raise invalid(None, f"{len(binary) - offset} bytes of binary data after the inputs' binary_data_size")
     return decoded
 
 
@@ -143,14 +145,14 @@ def _parameters(tensor: dict, known: set[str]) -> dict:
     """A tensor's parameters, of which genserve knows `known` (not, e.g., Triton's shared memory)."""
     parameters = _object(tensor.get("parameters"), f"parameters of {tensor.get('name')!r}")
     if unknown := sorted(set(parameters) - known):
-        raise invalid(f"{tensor.get('name')!r}: unsupported parameter {unknown[0]!r}; tensors take "
-                      f"{', '.join(sorted(known))}")
+        raise invalid(None, f"{tensor.get('name')!r}: unsupported parameter {unknown[0]!r}; tensors take "
+                            f"{', '.join(sorted(known))}")
     return parameters
 
 
 def _flag(value: object, what: str) -> bool:
     if not isinstance(value, bool):
-        raise invalid(f"{what} must be true or false, got {value!r}")
+        raise invalid(None, f"{what} must be true or false, got {value!r}")
     return value
 
 
@@ -158,11 +160,11 @@ def _object(value: object, what: str) -> dict:
     if value is None:
         return {}
     if not isinstance(value, dict):
-        raise invalid(f"{what} must be a JSON object, got {value!r}")
+        raise invalid(None, f"{what} must be a JSON object, got {value!r}")
     return dict(value)
 
 
 def _list(value: object, what: str) -> list:
     if not isinstance(value, list):
-        raise invalid(f"{what} must be a JSON list, got {value!r}")
+        raise invalid(None, f"{what} must be a JSON list, got {value!r}")
     return value

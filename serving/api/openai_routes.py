@@ -8,13 +8,14 @@ from fastapi.responses import JSONResponse
 
 from serving.api import openapi as schema
 from serving.api.http import current_ingress, decode_json
-from serving.api.openai import APIError, images_response, models_response, parse_image_request, policy_headers
+from serving.api.openai import images_response, models_response, parse_image_request, policy_headers
+from serving.api.validation import check_model
 
 router = APIRouter()
 
 
 @router.post("/v1/images/generations", summary="Generate images (OpenAI Images API)",
-             **schema.describe(schema.ImageGenerationRequest, schema.ImagesResponse))
+             **schema.describe(schema.ImageGenerationRequest, schema.ImagesResponse, *schema.GENERATION_ERRORS))
 async def generations(request: Request, ingress=Depends(current_ingress)) -> JSONResponse:
     start = time.perf_counter()
     req = parse_image_request(decode_json(await request.body()), ingress.families)
@@ -33,8 +34,6 @@ async def list_models(ingress=Depends(current_ingress)) -> JSONResponse:
 @router.get("/v1/models/{model_id}", summary="One served model",
             **schema.describe(None, schema.ModelObject, 404, 503))
 async def retrieve_model(model_id: str, ingress=Depends(current_ingress)) -> JSONResponse:
-    if model_id not in ingress.models:
-        raise APIError(404, f"the model {model_id!r} does not exist; served models: {', '.join(sorted(ingress.models))}",
-                       param="model", code="model_not_found")
+    check_model(model_id, ingress.models)
     info = await ingress.models[model_id].info.remote()
     return JSONResponse(models_response([info])["data"][0])

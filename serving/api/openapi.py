@@ -4,6 +4,7 @@ The JSON routes read their raw bodies, so that each API answers malformed input 
 (FastAPI's body validation would answer first, in its own). Their bodies are described here instead, as
 pydantic models used only for the schema: `describe(Request, Response)` gives a route decorator the
 request body (a reference into components.schemas, which `openapi_document` fills) and the responses.
+Their bounds and vocabularies are serving.api.validation's, the parsers' own, so the two cannot drift.
 Each request model carries an example; tests/test_family_ops.py sends every example to the live server
 and checks the answer against the response schema, and that the document and the routes agree."""
 from __future__ import annotations
@@ -18,6 +19,9 @@ from pydantic import BaseModel, ConfigDict, Field
 from pydantic.json_schema import models_json_schema
 
 from serving.api.png import encode_png
+from serving.api.validation import (DEFAULT_FRAMES, GOALS, MAX_CLASS_ID, MAX_FRAMES, MAX_IMAGES, MAX_N, MAX_PIXEL,
+                                    MAX_PROMPT_CHARS, MAX_SEED, MAX_STEPS, MAX_UPSCALE, MIN_FRAMES, QUALITY_VALUES,
+                                    SAMPLERS, SIDE)
 
 DESCRIPTION = ("Generative image models trained on Fashion-MNIST (GAN, VAE, flow, PixelCNN, diffusion): the OpenAI "
                "Images API, KServe v2 under /v2, the families' own operations (latent interpolation, "
@@ -35,7 +39,8 @@ class Strict(BaseModel):
 
 class ErrorBody(BaseModel):
     message: str
-    type: str = Field(description="invalid_request_error (4xx) | timeout_error | server_error")
+    type: str = Field(description="invalid_request_error (4xx) | rate_limit_error (429) | timeout_error (504) | "
+                                  "server_error (other 5xx)")
     param: str | None = Field(description="the request field at fault, where there is one")
     code: str | None = Field(description="e.g. model_not_found, invalid_value, unknown_parameter, deadline_exceeded")
 
@@ -46,17 +51,19 @@ class ErrorResponse(BaseModel):
     error: ErrorBody
 
 
-Pixel = Annotated[int, Field(ge=0, le=255)]
-Row = Annotated[list[Pixel], Field(min_length=28, max_length=28)]
-Image = Annotated[str | Annotated[list[Row], Field(min_length=28, max_length=28)], Field(
-    description="a 28x28 8-bit grayscale PNG as base64 (or a data:image/png;base64, URL), or 28 rows of 28 "
-                "integers 0..255")]
+Pixel = Annotated[int, Field(ge=0, le=MAX_PIXEL)]
+Row = Annotated[list[Pixel], Field(min_length=SIDE, max_length=SIDE)]
+Image = Annotated[str | Annotated[list[Row], Field(min_length=SIDE, max_length=SIDE)], Field(
+    description=f"a {SIDE}x{SIDE} 8-bit grayscale PNG as base64 (or a data:image/png;base64, URL), or {SIDE} rows "
+                f"of {SIDE} integers 0..{MAX_PIXEL}")]
 ModelName = Annotated[str, Field(description="a served model, or 'auto' / absent: the first served model "
                                              "that has the operation")]
-Prompt = Annotated[str, Field(description="a Fashion-MNIST class name (synonyms and plurals fine); the "
-                                          "condition. Absent with class_id: the unconditional model")]
-ClassId = Annotated[int, Field(ge=0, le=10, description="0..9, or 10 = no class (the unconditional model)")]
-Seed = Annotated[int, Field(ge=0, le=2**64 - 1)]
+Prompt = Annotated[str, Field(max_length=MAX_PROMPT_CHARS, description=(
+    "a Fashion-MNIST class name (synonyms and plurals fine): the condition. With class_id, it must name the same "
+    "class or none; neither: the unconditional model"))]
+ClassId = Annotated[int, Field(ge=0, le=MAX_CLASS_ID, description=f"0..{MAX_CLASS_ID - 1}, or {MAX_CLASS_ID} = no "
+                                                                 "class (the unconditional model)")]
+Seed = Annotated[int, Field(ge=0, le=MAX_SEED)]
 
 
 class PNGImage(BaseModel):
@@ -76,7 +83,7 @@ class Served(BaseModel):
 
 def _example_png() -> str:
     """A bright square on black: what a client might upload."""
-    image = np.zeros((28, 28), np.uint8)
+    image = np.zeros((SIDE, SIDE), np.uint8)
     image[8:20, 8:20] = 200
     return base64.b64encode(encode_png(image)).decode("ascii")
 
@@ -89,21 +96,25 @@ class ImageGenerationRequest(Strict):
 
     model: str | None = Field(None, description="a served model, or 'auto' / absent: the latency/quality policy "
                                                 "picks the model and its settings")
-    prompt: str | None = Field(None, description="a Fashion-MNIST class name; empty: any class")
-    n: Annotated[int, Field(ge=1, le=16)] | None = 1
-    size: Annotated[str, Field(pattern=r"^\d+x\d+$", description="'28x28' or a multiple such as '56x56'")] | None = None
+    prompt: Annotated[str, Field(max_length=MAX_PROMPT_CHARS)] | None = Field(
+        None, description="a Fashion-MNIST class name; empty: any class. With class_id, it must name the same "
+                          "class or none")
+    n: Annotated[int, Field(ge=1, le=MAX_N)] | None = 1
+    size: Annotated[str, Field(pattern=r"^\d+x\d+$", description=(
+        f"'{SIDE}x{SIDE}' or a multiple such as '{2 * SIDE}x{2 * SIDE}', up to "
+        f"'{MAX_UPSCALE * SIDE}x{MAX_UPSCALE * SIDE}'"))] | None = None
     response_format: Literal["b64_json"] | None = None
     output_format: Literal["png"] | None = None
     class_id: ClassId | None = None
     seed: Seed | None = Field(None, description="absent: drawn, and reported in the response")
-    sampler: Literal["ddim", "dpmpp_2m"] | None = Field(None, description="diffusion only")
-    steps: Annotated[int, Field(ge=1, le=1000)] | None = Field(None, description="diffusion only")
+    sampler: Literal[SAMPLERS] | None = Field(None, description="diffusion only")
+    steps: Annotated[int, Field(ge=1, le=MAX_STEPS)] | None = Field(None, description="diffusion only")
     guidance_scale: Annotated[float, Field(ge=0)] | None = Field(None, description="diffusion only")
     latency_slo_ms: Annotated[float, Field(gt=0)] | None = Field(None, description="answer within this, or 504")
     user: Any = Field(None, description="accepted and ignored (OpenAI)")
-    quality: Literal["draft", "standard", "best", "low", "medium", "high", "hd", "auto"] | None = Field(
+    quality: Literal[QUALITY_VALUES] | None = Field(
         None, description="the policy's quality tier (OpenAI's own values are read as tiers)")
-    goal: Literal["sample", "likelihood", "latent"] | None = Field(
+    goal: Literal[GOALS] | None = Field(
         None, description="auto: only models that can also do this (likelihood: flow, pixelcnn; latent: vae)")
     best_effort: bool | None = Field(None, description="nothing fits the SLO: the fastest model, not a 429")
     max_fd: Annotated[float, Field(gt=0)] | None = Field(None, description="auto: a quality floor")
@@ -168,7 +179,8 @@ class InterpolationRequest(Strict):
         None, description="the ends: these seeds' prior latents (the images they generate with n = 1); slerp")
     images: Annotated[list[Image], Field(min_length=2, max_length=2)] | None = Field(
         None, description="or the ends: these images' encodings; lerp")
-    frames: Annotated[int, Field(ge=2, le=32)] = Field(8, description="images on the path, ends included")
+    frames: Annotated[int, Field(ge=MIN_FRAMES, le=MAX_FRAMES)] = Field(DEFAULT_FRAMES, description=(
+        "images on the path, ends included"))
     prompt: Prompt | None = None
     class_id: ClassId | None = None
 
@@ -185,7 +197,7 @@ class ReconstructionRequest(Strict):
         {"model": "vae", "images": [_example_png()]}]})
 
     model: ModelName | None = None
-    images: Annotated[list[Image], Field(min_length=1, max_length=64)]
+    images: Annotated[list[Image], Field(min_length=1, max_length=MAX_IMAGES)]
     prompt: Prompt | None = None
     class_id: ClassId | None = None
 
@@ -206,7 +218,7 @@ class LikelihoodRequest(Strict):
         {"model": "flow", "images": [_example_png()]}]})
 
     model: ModelName | None = None
-    images: Annotated[list[Image], Field(min_length=1, max_length=64)]
+    images: Annotated[list[Image], Field(min_length=1, max_length=MAX_IMAGES)]
     prompt: Prompt | None = None
     class_id: ClassId | None = None
     seed: Seed = Field(0, description="flow only: its dequantization noise")
@@ -231,13 +243,15 @@ class LikelihoodResponse(Served):
 
 _ERRORS = {400: "invalid request", 404: "unknown model", 503: "overloaded or cancelled (Retry-After)",
            504: "deadline exceeded"}
+GENERATION_ERRORS = (400, 404, 429, 503, 504)  # a generation is admitted by the policy: 429 when none fits its SLO
+_STATUS_TEXT = {**_ERRORS, 429: "no model can meet the latency SLO (Retry-After when waiting helps)"}
 
 
 def describe(request: type[BaseModel] | None, response: type[BaseModel], *errors: int) -> dict[str, Any]:
     """Route decorator arguments: `request` as the JSON body, `response` for 200, and ErrorResponse for
     each status in errors (default: 400, 404, 503, 504)."""
     kwargs: dict[str, Any] = {"responses": {200: {"model": response}, **{
-        status: {"model": ErrorResponse, "description": _ERRORS.get(status, "error")}
+        status: {"model": ErrorResponse, "description": _STATUS_TEXT.get(status, "error")}
         for status in errors or tuple(_ERRORS)}}}
     if request is not None:
         _REQUEST_MODELS.append(request)

@@ -1,13 +1,16 @@
 """The step scheduler: CPU bookkeeping only. Before each forward it drops requests that were cancelled
 or whose deadline passed and admits waiting ones FCFS up to the row budget; after it, it counts the
-step and frees finished requests. It never touches tensors or the model."""
+step and frees finished requests. It never touches tensors or the model, and imports no torch: the
+policy's simulator runs this Scheduler on a simulated clock, and its latency model admits with
+`admit_fcfs`, the one admission rule of the engine."""
 
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from serving.engine.request import RequestState, Status
+from serving.engine.state import RequestState, Status
 
 
 @dataclass
@@ -49,7 +52,7 @@ class Scheduler:
             raise ValueError(f"request id {state.request_id!r} is already in the engine")
         if state.rows > self.max_rows:
             raise ValueError(f"request {state.request_id} needs {state.rows} rows per step "
-                             f"(n={state.request.n}, x2 when guided) but max_rows is {self.max_rows}; split it")
+                             f"(n={state.n}, x2 when guided) but max_rows is {self.max_rows}; split it")
         state.status = Status.WAITING
         self.waiting.append(state)
         self.requests[state.request_id] = state
@@ -61,9 +64,8 @@ class Scheduler:
             state.cancel_requested = True
 
     def schedule(self, now: float) -> StepPlan:
-        """Runs at the start of every step: drop cancelled and expired requests (running or waiting),
-        then admit waiting requests in arrival order while their rows fit. Strict FCFS: a request that
-        does not fit blocks those behind it, so a large request is never starved by small ones."""
+        """Runs at the start of every step, `now` on the engine's clock: drop cancelled and expired
+        requests (running or waiting), then admit waiting ones by `admit_fcfs`."""
         dropped = []
         for state in (*self.running, *self.waiting):
             if (why := _drop_status(state, now)) is not None:
@@ -76,8 +78,7 @@ class Scheduler:
 
         num_rows = sum(s.rows for s in self.running)
         joined = []
-        # an empty batch always takes the head: after a live max_rows cut it may not fit any more
-        while self.waiting and (num_rows + self.waiting[0].rows <= self.max_rows or not self.running):
+        for _ in range(admit_fcfs(num_rows, (s.rows for s in self.waiting), self.max_rows)):
             state = self.waiting.popleft()
             state.status = Status.RUNNING
             self.running.append(state)
@@ -110,6 +111,21 @@ class Scheduler:
     def _forget(self, states: list[RequestState]) -> None:
         for state in states:
             del self.requests[state.request_id]
+
+
+def admit_fcfs(running_rows: int, waiting_rows: Iterable[int], max_rows: int) -> int:
+    """How many of the waiting requests (their rows, in arrival order) join a batch of `running_rows` at
+    a step boundary. Runs in Scheduler.schedule before every step, and wherever the policy replays a
+    replica's engine (serving/policy/latency.py). Strict FCFS: a request that does not fit blocks those
+    behind it, so a large request is never starved by small ones; an empty batch always takes the head,
+    which after a live max_rows cut may not fit any more."""
+    joining = 0
+    for rows in waiting_rows:
+        if running_rows and running_rows + rows > max_rows:
+            break
+        running_rows += rows
+        joining += 1
+    return joining
 
 
 def _drop_status(state: RequestState, now: float) -> Status | None:

@@ -115,10 +115,14 @@ MODEL_LOAD = MetricSpec(
 VERIFICATION_FAILURES = MetricSpec(
     "genserve_store_verification_failures_total", COUNTER,
     "Model loads refused because a store version failed its hash or manifest checks", ("model",))
+REPLICA_RETRIES = MetricSpec(
+    "genserve_replica_retries_total", COUNTER,
+    "Model calls sent again to another replica because the one serving them died (its node lost, a crash)",
+    ("model",))
 
 METRICS = (REQUEST_DURATION, QUEUE_DURATION, COMPUTE_DURATION, IMAGES_SERVED, BATCH_SIZE, ENGINE_OCCUPANCY,
            ENGINE_RUNNING, ENGINE_WAITING, ENGINE_STEP_RATE, ENGINE_STEPS, POLICY_DECISIONS, SLO_REQUESTS,
-           REJECTIONS, MODEL_LOAD, VERIFICATION_FAILURES)
+           REJECTIONS, MODEL_LOAD, VERIFICATION_FAILURES, REPLICA_RETRIES)
 
 
 # ---- this process's Ray metric objects -------------------------------------------------------------------
@@ -266,6 +270,11 @@ def record_model_load(model: str, seconds: float) -> None:
 
 def record_verification_failure(model: str) -> None:
     _inc(VERIFICATION_FAILURES, model=model)
+
+
+def record_retry(model: str) -> None:
+    """A call to model went to another replica after the one serving it died."""
+    _inc(REPLICA_RETRIES, model=model)
 
 
 # ---- the policy -----------------------------------------------------------------------------------------

@@ -3,12 +3,12 @@
     predicted_ms = overhead_ms + factor x compute_ms
 
 compute_ms is the time until the request's last step when the work already admitted there (a ledger) and
-the request itself are played forward the way the replica serves them: the step engine admits FCFS up to
-its row budget and every step costs the profile's forward time at the batch's rows, so a request's time
-depends on the occupancy over its whole life; the one-pass batcher runs batches of up to `budget` images
-one at a time. Forward times come from the manifest's latency profile; overhead_ms and factor are fitted
-online from what finished requests really took (`Correction`), and the safety margin from how wrong the
-predictions were (`Margin`).
+the request itself are played forward the way the replica serves them: the step engine admits by its own
+rule (serving.engine.scheduler.admit_fcfs: FCFS up to its row budget) and every step costs the profile's
+forward time at the batch's rows, so a request's time depends on the occupancy over its whole life; the
+one-pass batcher runs batches of up to `budget` images one at a time. Forward times come from the
+manifest's latency profile; overhead_ms and factor are fitted online from what finished requests really
+took (`Correction`), and the safety margin from how wrong the predictions were (`Margin`).
 
 Admitted work enters the ledger at admission and leaves when it finishes, so a burst sees its own earlier
 requests and cannot overcommit a replica; between those events the ledger drains at the corrected speed.
@@ -19,9 +19,12 @@ it reports beyond the ledger: requests admitted elsewhere, or work the ledger dr
 from __future__ import annotations
 
 import bisect
+import itertools
 import math
 from collections import deque
 from dataclasses import dataclass, replace
+
+from serving.engine.scheduler import admit_fcfs  # torch-free
 
 _PROBE = -1          # the ticket of the request being predicted
 _DONE = 1e-9         # steps left below which work is finished (fractional steps accumulate rounding)
@@ -96,7 +99,7 @@ def play(work: list[Work], *, iterative: bool, budget: int, step_ms, max_wait_ms
         d = step_ms(used)
         k = part or min(w.steps for w in running)  # to the end of the step in flight, or the next finish
         head = next((w for w in work if not w.running), None)
-        if iterative and head and reach(head) > t and head.units <= budget - used:
+        if iterative and head and reach(head) > t and admit_fcfs(used, (head.units,), budget):
             k = min(k, math.ceil((reach(head) - t) / d))  # or the first step it can join after arriving
         if t + k * d >= until_ms:
             for w in running:
@@ -121,19 +124,21 @@ def _rest_of_step(work: list[Work]) -> float:
 
 
 def _admit(work: list[Work], iterative: bool, budget: int, arrived) -> None:
-    """Start waiting work that has arrived, FCFS, while it fits. Iterative: whole requests that keep their
-    rows to the end, strictly in order (the scheduler's head blocks those behind it), and the head always
-    starts in an empty batch. One-pass: images, the head split if it does not fit; its rest leads the next
-    batch."""
+    """Start waiting work that has arrived. Iterative: the engine's own admission (admit_fcfs) of whole
+    requests, which keep their rows to the end. One-pass: images FCFS while they fit, the head split if it
+    does not; its rest leads the next batch."""
     k = used = 0
     while k < len(work) and work[k].running:
         used += work[k].units
         k += 1
+    if iterative:
+        waiting = (w.units for w in itertools.takewhile(arrived, work[k:]))
+        for w in work[k:k + admit_fcfs(used, waiting, budget)]:
+            w.running = True
+        return
     while k < len(work) and used < budget and arrived(work[k]):
         w, room = work[k], budget - used
-        if w.units > room and iterative and used:
-            return
-        if w.units > room and not iterative:
+        if w.units > room:
             work.insert(k, replace(w, units=room, running=True))
             w.units -= room
             return

@@ -2,12 +2,12 @@
 
 Requests arrive, the policy decides; admitted ones reach a model of their replica after half the hop time:
 the one-pass batcher (serving/onepass/batcher.py: batches of up to `budget` images, the first waiting
-max_wait_ms for batch-mates) or the step engine (serving/engine/scheduler.py: FCFS up to the row budget,
-one forward per step over every running request). Every forward takes the profile's time x `slowdown` x
-lognormal noise: the truth the policy's latency model has to track. A request still running at its deadline
-is expired, as the ingress's timeout and the engine's deadline do, and leaves the batch at the next step.
-Ends go back to the policy through finish(), and the replicas' load through observe_live() every
-`live_every_s`, as the ingress will do.
+max_wait_ms for batch-mates) or the step engine (the engine's own Scheduler, serving/engine/scheduler.py, on
+the simulated clock: FCFS up to the row budget, one forward per step over every running request). Every
+forward takes the profile's time x `slowdown` x lognormal noise: the truth the policy's latency model has to
+track. A request still running at its deadline is expired, as the ingress's timeout and the engine's
+deadline do, and leaves the batch at the next step. Ends go back to the policy through finish(), and the
+replicas' load through observe_live() every `live_every_s`, as the ingress will do.
 
     python -m serving.policy.simulator --help
 """
@@ -23,6 +23,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 from model_store.manifest import LatencyProfile, Manifest, SamplingSettings
+from serving.engine.scheduler import Scheduler, StepPlan  # torch-free
+from serving.engine.state import RequestState
 from serving.policy.candidates import setting_key
 from serving.policy.latency import LiveState
 from serving.policy.policy import AUTO, Decision, Hints, Outcome, Policy, PolicyConfig, Rejection, ServedModel
@@ -58,11 +60,13 @@ class Result:
 
 @dataclass(eq=False)
 class _Request:
-    result: Result
+    result: Result | None               # None in tests that drive a replica alone
+    request_id: str                     # the policy's ticket
+    n: int                              # images
     units: int                          # rows per step / images
     steps: int
     reached: float = 0.0                # when it reached the replica
-    steps_done: int = 0                 # engine steps; one-pass: images whose forward finished
+    images_done: int = 0                # one-pass: images whose forward finished
     gone: bool = False                  # ended at the ingress (expired): the replica drops it
 
 
@@ -87,48 +91,51 @@ class _Clock:
 
 
 class _Engine:
-    """The step engine: strict FCFS admission up to the row budget (an empty batch always takes the head),
-    expired requests dropped before each step, finished ones freed after it."""
+    """The step engine: the engine's own Scheduler (serving/engine/scheduler.py) on the simulated clock,
+    driven as EngineCore.step drives it (schedule, one forward of forward_ms(rows), update) whenever it has
+    work. Expired requests are aborted, so they leave before the next step."""
 
     def __init__(self, clock: _Clock, forward_ms: Callable[[int], float], budget: int, done: Callable):
-        self.clock, self.forward_ms, self.budget, self.done = clock, forward_ms, budget, done
-        self.waiting: deque[_Request] = deque()
-        self.running: list[_Request] = []
-        self.busy = False
+        self.clock, self.forward_ms, self.done = clock, forward_ms, done
+        self.scheduler = Scheduler(budget)
+        self.requests: dict[str, _Request] = {}   # request_id -> request, while the scheduler holds it
+        self.busy = False                         # a step is in flight
 
     def add(self, r: _Request) -> None:
-        self.waiting.append(r)
+        """Runs when a request reaches the replica; an idle engine steps at once."""
+        if r.gone:  # expired on its way
+            return
+        self.requests[r.request_id] = r
+        self.scheduler.add(RequestState(r.request_id, r.n, r.units, r.steps, arrival=self.clock.now))
         if not self.busy:
-            self.busy = True
             self._step()
 
-    def _step(self) -> None:
-        self.running = [r for r in self.running if not r.gone]
-        self.waiting = deque(r for r in self.waiting if not r.gone)
-        rows = sum(r.units for r in self.running)
-        while self.waiting and (rows + self.waiting[0].units <= self.budget or not self.running):
-            self.running.append(self.waiting.popleft())
-            rows += self.running[-1].units
-        if not self.running:
-            self.busy = False
-            return
-        self.clock.at(self.clock.now + self.forward_ms(rows) / 1000, self._stepped)
+    def abort(self, r: _Request) -> None:
+        """Runs when the ingress gave up on a request (ignored once it left)."""
+        self.scheduler.abort(r.request_id)
 
-    def _stepped(self) -> None:
-        for r in self.running:
-            r.steps_done += 1
-            if r.steps_done == r.steps and not r.gone:
+    def _step(self) -> None:
+        plan = self.scheduler.schedule(self.clock.now)
+        for state in plan.dropped:
+            del self.requests[state.request_id]
+        self.busy = bool(plan.requests)
+        if self.busy:
+            self.clock.at(self.clock.now + self.forward_ms(plan.num_rows) / 1000, lambda: self._stepped(plan))
+
+    def _stepped(self, plan: StepPlan) -> None:
+        for state in self.scheduler.update(plan):
+            r = self.requests.pop(state.request_id)
+            if not r.gone:
                 self.done(r)
-        self.running = [r for r in self.running if r.steps_done < r.steps]
         self._step()
 
     def live(self, now: float) -> LiveState:
-        run = [r for r in self.running if not r.gone]
-        wait = [r for r in self.waiting if not r.gone]
-        return LiveState(now, running_units=sum(r.units for r in run), running_requests=len(run),
-                         running_steps=sum(r.steps - r.steps_done for r in run),
-                         queued_units=sum(r.units for r in wait), queued_requests=len(wait),
-                         queued_steps=sum(r.steps for r in wait))
+        run = [s for s in self.scheduler.running if not s.cancel_requested]
+        wait = [s for s in self.scheduler.waiting if not s.cancel_requested]
+        return LiveState(now, running_units=sum(s.rows for s in run), running_requests=len(run),
+                         running_steps=sum(s.steps_total - s.steps_done for s in run),
+                         queued_units=sum(s.rows for s in wait), queued_requests=len(wait),
+                         queued_steps=sum(s.steps_total for s in wait))
 
 
 class _Batcher:
@@ -145,6 +152,9 @@ class _Batcher:
     def add(self, r: _Request) -> None:
         self.queue.append([r, r.units])
         self._maybe_start()
+
+    def abort(self, r: _Request) -> None:
+        """Nothing to do: r.gone is set, and batches are formed of requests that are not gone."""
 
     def _maybe_start(self) -> None:
         while self.queue and self.queue[0][0].gone:
@@ -169,8 +179,8 @@ class _Batcher:
 
     def _finished(self) -> None:
         for r, k in self.in_flight:
-            r.steps_done += k
-            if r.steps_done == r.units and not r.gone:
+            r.images_done += k
+            if r.images_done == r.units and not r.gone:
                 self.done(r)
         self.in_flight = []
         self._maybe_start()
@@ -199,6 +209,7 @@ def simulate(policy: Policy, workload: list[tuple[float, Hints]], config: SimCon
             return
         r.gone = True
         d: Decision = r.result.outcome
+        servers[d.model].abort(r)
         r.result.status = status
         r.result.latency_ms = policy.finish(d.ticket, clock.now, status).actual_ms
 
@@ -215,7 +226,7 @@ def simulate(policy: Policy, workload: list[tuple[float, Hints]], config: SimCon
         results.append(Result(t, hints, outcome))
         if isinstance(outcome, Rejection):
             return
-        r = _Request(results[-1], outcome.units, outcome.steps)
+        r = _Request(results[-1], str(outcome.ticket), hints.n, outcome.units, outcome.steps)
 
         def reach() -> None:
             r.reached = clock.now

@@ -6,7 +6,7 @@ from pathlib import Path
 from fastapi import APIRouter
 from fastapi.responses import HTMLResponse, Response
 
-from serving.api.openai import APIError
+from serving.api.errors import APIError
 from serving.api.openapi import ErrorResponse
 
 HERE = Path(__file__).resolve().parent
