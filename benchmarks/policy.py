@@ -29,6 +29,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import LogLocator, NullFormatter, ScalarFormatter
 
 from benchmarks.serving import MAX_ROWS, _deployment, load, raw_rows_per_second, serving, write
+from core.settings import SamplingSetting
 from genserve.build import build
 from loadtests.records import Record, RunData
 from loadtests.scenario import OpenLoop, Stage, Template
@@ -36,7 +37,7 @@ from loadtests.stats import within_slo
 from model_store.store import ModelStore
 from serving.api.classes import CLASS_NAMES
 from serving.config import ITERATIVE_GRAPH
-from serving.policy import Candidate, Hints, Policy, ServedModel, candidates_of, setting_key
+from serving.policy import Candidate, Hints, Policy, ServedModel, candidates_of
 from serving.policy.candidates import explicit_candidate, tier_floor
 from serving.policy.simulator import SimConfig, Summary, simulate, store_models
 from serving.policy.simulator import summarize as simulated_summary
@@ -84,7 +85,7 @@ class Catalog:
 
     def __init__(self, models: list[ServedModel]):
         self.manifests = {m.name: m.manifest for m in models}
-        self.by_setting = {(c.model, setting_key(c.setting)): c
+        self.by_setting = {(c.model, c.setting.key): c
                            for m in models for c in candidates_of(m.name, m.manifest)}
         self.measured = [c for c in self.by_setting.values() if c.quality is not None]
         self.best = min(self.measured, key=Candidate.rank)
@@ -92,14 +93,15 @@ class Catalog:
     def served(self, r: Record) -> Candidate:
         """The candidate that served a request, from the policy's account in the response."""
         p = r.policy or {}
-        model, setting = p.get("model") or r.model, p.get("settings") or r.settings or {}
-        return (self.by_setting.get((model, setting_key(setting)))
+        model = p.get("model") or r.model
+        setting = SamplingSetting.from_dict(p.get("settings") or r.settings)
+        return (self.by_setting.get((model, setting.key))
                 or explicit_candidate(model, self.manifests[model], setting))
 
     def fixed(self, strategy: str) -> Candidate:
         ask = dict(STRATEGIES[strategy])
         model = ask.pop("model")
-        return explicit_candidate(model, self.manifests[model], ask)
+        return explicit_candidate(model, self.manifests[model], SamplingSetting.from_dict(ask))
 
     def allowed(self, tier: str | None) -> set[str]:
         """The labels of the candidates auto may choose for a request of this tier."""

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from core.settings import SamplingSetting
 from families import metrics
 from families.checkpoint import CHECKPOINT_ROOT, load_card, load_model, save_json, CARD_FILE
 from families.common import NUM_CLASSES, NULL_CLASS, dequantize
@@ -37,10 +38,9 @@ class Evaluation:
 
 
 def setting_key(setting: dict[str, Any]) -> str:
-    """A stable name for a sampling setting, e.g. 'dpmpp_2m-20-g2.0' or 'default'."""
-    if not setting:
-        return "default"
-    return "-".join(f"{k}={v}" for k, v in sorted(setting.items()))
+    """The name a setting's metrics are filed under in metrics.by_setting, e.g.
+    'guidance_scale=2.0-sampler=dpmpp_2m-steps=20' or 'default': SamplingSetting.key, which the policy reads."""
+    return SamplingSetting.from_dict(setting).key
 
 
 @lru_cache(maxsize=1)

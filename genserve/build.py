@@ -19,9 +19,10 @@ import onnx
 import onnxruntime as ort
 import torch
 
+from core.runtime import choose_providers, make_session
+from core.settings import SamplingSetting
 from exporters.onnx_export import PARITY_ATOL, export_family
 from exporters.profile import batch_ladder, machine_info, measure_latency
-from core.runtime import choose_providers, make_session
 from families.checkpoint import CARD_FILE, CHECKPOINT_ROOT, WEIGHTS_FILE, load_card, load_model
 from families.registry import FAMILIES, get_family
 from model_store import (DEFAULT_ALIAS, ExportInfo, LatencyProfile, Manifest, ModelStore, SamplingSettings,
@@ -39,9 +40,9 @@ _DIFFUSION_ALLOWED = [{"sampler": "dpmpp_2m", "steps": s} for s in (10, 15, 20, 
 
 
 def sampling_settings(family: str) -> SamplingSettings:
-    default = dict(get_family(family).DEFAULT_SAMPLING)
+    default = SamplingSetting.from_dict(get_family(family).DEFAULT_SAMPLING)
     if family == "diffusion":
-        allowed = [{**s, "guidance_scale": default["guidance_scale"]} for s in _DIFFUSION_ALLOWED]
+        allowed = [SamplingSetting(**s, guidance_scale=default.guidance_scale) for s in _DIFFUSION_ALLOWED]
     else:
         allowed = [default]      # gan/vae: nothing to choose; flow/pixelcnn: their default temperature
     return SamplingSettings(default=default, allowed=allowed)

@@ -11,7 +11,6 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Literal, Protocol
-from urllib.parse import urlparse
 
 from model_store.errors import StoreError, VersionExists
 
@@ -204,19 +203,3 @@ class LocalBackend:
                     shutil.rmtree(path, ignore_errors=True)
                     removed.append(f"{area}/{name}")
         return removed
-
-
-def open_backend(uri: str | os.PathLike, **storage_options) -> StoreBackend:
-    """A local path or file:// URI -> LocalBackend; any other scheme (s3://, gs://, memory://, ...) ->
-    FsspecBackend (`fsspec.filesystem(protocol, **storage_options)`), whose commit_dir uploads the files,
-    then manifest.json last with a put-if-absent."""
-    text = os.fspath(uri)
-    parsed = urlparse(text)
-    if parsed.scheme in ("", "file") or len(parsed.scheme) == 1:  # one letter: a Windows drive, a path
-        path = parsed.path if parsed.scheme == "file" else text
-        if parsed.scheme == "file" and parsed.netloc not in ("", "localhost"):
-            raise StoreError(f"file:// URI with a host is not supported: {text}")
-        return LocalBackend(Path(path))
-    from model_store.fsspec_backend import FsspecBackend
-
-    return FsspecBackend(text, **storage_options)

@@ -6,6 +6,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from core.contracts import GraphContract
+from core.settings import Quality, SamplingSetting
 
 SCHEMA = 1
 MANIFEST_FILE = "manifest.json"
@@ -22,8 +23,15 @@ class SamplingSettings:
     """What the policy may choose for this model: `allowed` are the candidates (each a full setting),
     `default` is used when a request names none."""
 
-    default: dict[str, Any] = field(default_factory=dict)        # e.g. {"sampler": "dpmpp_2m", "steps": 20, ...}
-    allowed: list[dict[str, Any]] = field(default_factory=list)
+    default: SamplingSetting = field(default_factory=SamplingSetting)   # e.g. dpmpp_2m, 10 steps, guidance 2
+    allowed: list[SamplingSetting] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"default": self.default.to_dict(), "allowed": [s.to_dict() for s in self.allowed]}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> SamplingSettings:
+        return cls(SamplingSetting.from_dict(d.get("default")), [SamplingSetting.from_dict(s) for s in d.get("allowed", [])])
 
 
 @dataclass
@@ -95,6 +103,10 @@ class Manifest:
     files: dict[str, FileEntry] = field(default_factory=dict)  # every file of the version but this one; the store fills it
     schema: int = SCHEMA
 
+    def quality(self, setting: SamplingSetting) -> Quality | None:
+        """What `genserve evaluate` measured for exactly this setting; None when it never was."""
+        return Quality.measured(self.metrics, setting, is_default=setting == self.sampling.default)
+
     def graph(self, name: str) -> GraphContract:
         for g in self.graphs:
             if g.graph == name:
@@ -105,7 +117,7 @@ class Manifest:
         return {
             "schema": self.schema, "model": self.model, "version": self.version, "family": self.family,
             "created_at": self.created_at, "graphs": [g.to_dict() for g in self.graphs],
-            "sampling": asdict(self.sampling), "metrics": self.metrics,
+            "sampling": self.sampling.to_dict(), "metrics": self.metrics,
             "source": asdict(self.source) if self.source else None,
             "latency": self.latency.to_dict() if self.latency else None,
             "export": self.export.to_dict() if self.export else None,
@@ -122,7 +134,7 @@ class Manifest:
         return cls(
             model=d["model"], version=d["version"], family=d["family"], created_at=d["created_at"],
             graphs=[GraphContract.from_dict(g) for g in d["graphs"]],
-            sampling=SamplingSettings(**d["sampling"]), metrics=d.get("metrics") or {},
+            sampling=SamplingSettings.from_dict(d["sampling"]), metrics=d.get("metrics") or {},
             source=SourceCheckpoint(**d["source"]) if d.get("source") else None,
             latency=LatencyProfile.from_dict(d["latency"]) if d.get("latency") else None,
             export=ExportInfo.from_dict(d["export"]) if d.get("export") else None,

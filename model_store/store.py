@@ -20,9 +20,11 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
+from urllib.parse import urlparse
 
-from model_store.backend import LocalBackend, StoreBackend, open_backend
+from model_store.backend import LocalBackend, StoreBackend
 from model_store.cache import BlobCache
+from model_store.fsspec_backend import FsspecBackend
 from model_store.errors import IntegrityError, NotFound, StoreError, VersionExists
 from model_store.manifest import MANIFEST_FILE, FileEntry, Manifest
 
@@ -49,6 +51,21 @@ def sha256_bytes(data: bytes) -> str:
 
 def default_store_uri() -> str:
     return os.environ.get(STORE_ENV) or DEFAULT_STORE
+
+
+
+def open_backend(uri: str | os.PathLike, **storage_options) -> StoreBackend:
+    """A local path or file:// URI -> LocalBackend; any other scheme (s3://, gs://, memory://, ...) ->
+    FsspecBackend (`fsspec.filesystem(protocol, **storage_options)`), whose commit_dir uploads the files,
+    then manifest.json last with a put-if-absent."""
+    text = os.fspath(uri)
+    parsed = urlparse(text)
+    if parsed.scheme in ("", "file") or len(parsed.scheme) == 1:  # one letter: a Windows drive, a path
+        path = parsed.path if parsed.scheme == "file" else text
+        if parsed.scheme == "file" and parsed.netloc not in ("", "localhost"):
+            raise StoreError(f"file:// URI with a host is not supported: {text}")
+        return LocalBackend(Path(path))
+    return FsspecBackend(text, **storage_options)
 
 
 @dataclass

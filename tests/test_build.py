@@ -11,6 +11,7 @@ import torch
 
 from core.contracts import sample_inputs
 from core.runtime import make_session
+from core.settings import SamplingSetting
 from families.checkpoint import config_to_dict, load_model, save_model
 from families.registry import get_family
 from genserve.build import build, sampling_settings, version_for, checkpoint_source
@@ -67,7 +68,7 @@ def test_manifest_carries_contracts_metrics_sampling_and_latency(setup):
     assert m.family == "vae" and [g.graph for g in m.graphs] == ["decode", "encode"]
     assert m.graphs[0].inputs[0].shape == ("batch", 4)                      # latent size from the card
     assert m.metrics == {"fd": 42.0, "class_accuracy": 0.5}                 # copied as-is
-    assert m.sampling.default == {} and m.sampling.allowed == [{}]
+    assert m.sampling.default == SamplingSetting() and m.sampling.allowed == [SamplingSetting()]
     assert set(m.latency.ms_per_forward) == {"decode", "encode"}
     assert list(m.latency.ms_per_forward["decode"]) == [1, 2, 4]
     assert m.latency.provider == "CPUExecutionProvider" and m.latency.machine["cpu_count"] >= 1
@@ -106,13 +107,13 @@ def test_new_card_metrics_make_a_new_version_and_move_latest(setup):
 
 def test_sampling_settings_per_family():
     diffusion = sampling_settings("diffusion")
-    assert diffusion.default == {"sampler": "dpmpp_2m", "steps": 10, "guidance_scale": 2.0}
+    assert diffusion.default == SamplingSetting("dpmpp_2m", 10, 2.0)
     assert diffusion.default in diffusion.allowed
-    assert {(s["sampler"], s["steps"]) for s in diffusion.allowed} == \
+    assert {(s.sampler, s.steps) for s in diffusion.allowed} == \
            {("dpmpp_2m", 10), ("dpmpp_2m", 15), ("dpmpp_2m", 20), ("dpmpp_2m", 25), ("ddim", 25), ("ddim", 50)}
-    assert sampling_settings("flow").default == {"temperature": 0.7}
-    assert sampling_settings("pixelcnn").default == {"temperature": 1.0}
-    assert sampling_settings("gan").default == {} == sampling_settings("vae").default
+    assert sampling_settings("flow").default == SamplingSetting(temperature=0.7)
+    assert sampling_settings("pixelcnn").default == SamplingSetting(temperature=1.0)
+    assert sampling_settings("gan").default == SamplingSetting() == sampling_settings("vae").default
 
 
 def test_build_and_publish_commands(setup, capsys):

@@ -15,9 +15,11 @@ from pathlib import Path
 import pytest
 
 from core.contracts import contracts_for
+from core.settings import SamplingSetting
 from model_store import (IntegrityError, Manifest, ModelStore, NotFound, SamplingSettings, StoreError,
                          VersionExists)
-from model_store.backend import STAGING, LocalBackend, open_backend
+from model_store.backend import STAGING, LocalBackend
+from model_store.store import open_backend
 from model_store.manifest import LatencyProfile
 from tests.helpers import run_cli
 
@@ -35,7 +37,7 @@ def make_source(tmp: Path, payload: bytes = b"graph-bytes") -> Path:
 
 def make_manifest(version: str, model: str = "gan", created_at: str = "2026-01-01T00:00:00+00:00") -> Manifest:
     return Manifest(model=model, version=version, family="gan", created_at=created_at,
-                    graphs=contracts_for("gan", {"z_dim": 64}), sampling=SamplingSettings({}, [{}]),
+                    graphs=contracts_for("gan", {"z_dim": 64}), sampling=SamplingSettings(SamplingSetting(), [SamplingSetting()]),
                     metrics={"fd": 12.5},
                     latency=LatencyProfile(machine={"cpu": "test"}, provider="CPUExecutionProvider",
                                            provider_reason="test", threads=1, measured_at=created_at,

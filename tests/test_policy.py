@@ -12,10 +12,11 @@ from pathlib import Path
 import pytest
 
 from core.contracts import NULL_CLASS
+from core.settings import SamplingSetting
 from serving.engine.scheduler import Scheduler
 from serving.engine.state import RequestState
 from serving.policy import (Decision, Hints, LiveState, Outcome, Policy, PolicyConfig, Rejection, ServedModel,
-                            candidates_of, setting_key)
+                            candidates_of)
 from serving.policy.latency import Work, play
 from serving.policy.simulator import SimConfig, main, poisson_ramp, simulate, summarize, synthetic_models
 
@@ -40,20 +41,21 @@ def policy(**config) -> Policy:
 
 
 def decide(p: Policy, now: float = 0.0, **hints) -> Decision | Rejection:
-    return p.decide(Hints(**hints), now)
+    """Hints from keyword arguments; sampler / steps / guidance_scale become its setting."""
+    pinned = {k: hints.pop(k) for k in ("sampler", "steps", "guidance_scale") if k in hints}
+    return p.decide(Hints(**hints, setting=SamplingSetting(**pinned)), now)
 
 
 def key(sampler: str, steps: int) -> str:
-    return setting_key({"sampler": sampler, "steps": steps, "guidance_scale": 2.0})
+    return SamplingSetting(sampler, steps, 2.0).key
 
 
 # ---- candidates and quality ----------------------------------------------------------------------------------
 
-def test_setting_key_matches_evaluate():
-    from families.evaluate import setting_key as evaluate_key
-
+def test_setting_keys_are_the_ones_evaluate_files_metrics_under():
     for s in ({}, {"temperature": 0.7}, {"sampler": "ddim", "steps": 50, "guidance_scale": 2.0}):
-        assert setting_key(s) == evaluate_key(s)
+        assert SamplingSetting.from_dict(s).key == ("default" if not s else "-".join(f"{k}={v}" for k, v in sorted(s.items())))
+    assert SamplingSetting("ddim", 50, 2.0).key == "guidance_scale=2.0-sampler=ddim-steps=50"   # the committed cards'
 
 
 def test_candidates_are_every_allowed_setting_with_its_own_metrics():
@@ -92,7 +94,7 @@ def test_tight_slo_gets_a_fast_family():
 
 def test_loose_slo_gets_the_best_diffusion_setting():
     d = decide(policy(), latency_slo_ms=5000)
-    assert d.label == BEST and d.settings == {"sampler": "ddim", "steps": 50, "guidance_scale": 2.0}
+    assert d.label == BEST and d.setting == SamplingSetting("ddim", 50, 2.0)
     assert d.units == 2 and d.steps == 50                     # guided: two rows per image
     assert d.reason.startswith(f"{BEST}: best quality in time (FD 40.0")
 
@@ -149,7 +151,7 @@ def test_explicit_model_bypasses_the_choice_but_not_admission():
     d = decide(p, model="gan", latency_slo_ms=5000)
     assert d.model == "gan" and len(d.considered) == 1 and "requested" in d.reason
     d = decide(p, model="diffusion", steps=30, latency_slo_ms=5000)
-    assert d.settings["steps"] == 30 and d.settings["sampler"] == "dpmpp_2m"
+    assert d.setting.steps == 30 and d.setting.sampler == "dpmpp_2m"
     r = decide(p, model="pixelcnn", latency_slo_ms=500)        # 784 steps: ~1.4 s even alone
     assert isinstance(r, Rejection) and r.http_status == 429
     with pytest.raises(ValueError, match="unknown model"):

@@ -21,7 +21,6 @@ from serving.api.errors import APIError
 from serving.policy import Decision, Hints, LiveState, Outcome, Policy, PolicyConfig, Rejection, ServedModel
 
 LIVE_PERIOD_S = 0.2    # how often replicas' load is read: a diffusion step at full batch is ~0.15 s here
-SAMPLING_FIELDS = ("sampler", "steps", "guidance_scale")
 # Of a client's SLO, what the ingress leaves for the proxy hop in and the answer's way out, which its clock
 # does not see: a real load ramp here measured a median 29 ms between the client's and the ingress's times
 EDGE_MS = 20.0
@@ -40,13 +39,11 @@ class Admission:
         ask = Hints(model=model, n=job.n, class_id=job.class_id,
                     latency_slo_ms=job.timeout_s * 1000 if job.timeout_s else None,
                     tier=hints.tier, max_fd=hints.max_fd, min_class_accuracy=hints.min_class_accuracy,
-                    goal=hints.goal, best_effort=hints.best_effort,
-                    **{k: getattr(job, k) for k in SAMPLING_FIELDS})
+                    goal=hints.goal, best_effort=hints.best_effort, setting=job.setting)
         outcome = self.policy.decide(ask, time.monotonic())
         if isinstance(outcome, Rejection):
             raise APIError(outcome.http_status, outcome.message, code=outcome.reason, retry_after_s=outcome.retry_after_s)
-        settings = {k: v for k, v in outcome.settings.items() if k in SAMPLING_FIELDS}
-        return outcome, dataclasses.replace(job, **settings)
+        return outcome, dataclasses.replace(job, setting=outcome.setting)
 
     def finish(self, decision: Decision, outcome: Outcome) -> dict[str, Any]:
         """When the request ended, however: the response's account of the choice, with the actual latency."""

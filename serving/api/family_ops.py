@@ -119,7 +119,7 @@ def _png(image: np.ndarray) -> str:
 
 def interpolation_response(req: OperationRequest, result: GenerationResult, latency_ms: float) -> dict[str, Any]:
     return {**_served(req, result, latency_ms), "data": [{"b64_json": _png(im)} for im in result.images],
-            "settings": result.settings}
+            "settings": {"endpoints": result.walk[0], "path": result.walk[1]}}
 
 
 def reconstruction_response(req: OperationRequest, result: ReconstructionResult, latency_ms: float) -> dict[str, Any]:

@@ -17,7 +17,7 @@ from ray.serve.handle import DeploymentHandle
 
 from serving.api.http import api, logger
 from model_store.manifest import Manifest
-from serving.api.admission import SAMPLING_FIELDS, Admission, Outcome
+from serving.api.admission import Admission, Outcome
 from serving.api.jobs import GenerationJob, GenerationResult, ImagesJob, InterpolationJob, PolicyHints
 from serving.api.errors import APIError
 from serving.api import family_routes, kserve_http, openai_routes, playground
@@ -71,10 +71,9 @@ class Ingress(GRPCInferenceService):  # gRPC: Serve's proxy calls the method nam
         whole = dataclasses.replace(jobs[0], n=sum(j.n for j in jobs))
         decision, chosen = self.admission.admit(model, whole, hints)
         record_decision(decision.label)
-        settings = {k: getattr(chosen, k) for k in SAMPLING_FIELDS}
         outcome = Outcome.FAILED
         try:
-            results = await _all(self.generate_with(decision.model, dataclasses.replace(job, **settings))
+            results = await _all(self.generate_with(decision.model, dataclasses.replace(job, setting=chosen.setting))
                                  for job in jobs)
             outcome = Outcome.OK
         except APIError as err:

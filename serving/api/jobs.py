@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from core.settings import SamplingSetting
 from model_store.manifest import Manifest
 from serving.operations import operations_of
 
@@ -17,9 +18,8 @@ class GenerationJob:
     class_id: int                        # 0..9, or NULL_CLASS (10) for unconditional
     n: int                               # images, >= 1 (a one-pass request larger than a batch spans several)
     seed: int                            # seeds the request's own generator: its images depend on nothing else
-    sampler: str | None = None           # diffusion only; None = the manifest's default
-    steps: int | None = None             # diffusion only; None = the manifest's default
-    guidance_scale: float | None = None  # diffusion only; None = the manifest's default
+    # diffusion's sampler, steps, guidance_scale: the request's own or the policy's; None fields = the default
+    setting: SamplingSetting = SamplingSetting()
     timeout_s: float | None = None       # latency SLO from arrival at the replica; None = no deadline there
 
 
@@ -42,9 +42,10 @@ class GenerationResult:
     version: str
     family: str
     replica_ms: float           # from the job reaching the replica to its images being ready
-    settings: dict              # the sampling settings used (e.g. sampler, steps, guidance_scale, temperature)
+    settings: SamplingSetting   # the sampling setting used, in full (the model's default filled in)
     policy: dict | None = None  # the ingress's account of the policy's choice (serving.api.admission)
     node: str = ""              # IP address of the Ray node whose replica made them
+    walk: tuple[str, str] | None = None  # interpolate: its endpoints ("seeds" | "images") and path ("slerp" | "lerp")
 
 
 @dataclass(frozen=True)

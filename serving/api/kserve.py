@@ -240,7 +240,7 @@ class OpenInference:
         stats.execution_count += 1
         stats.last_inference_ms = int(time.time() * 1000)
         first = results[0]
-        parameters = {"family": first.family, **first.settings, **({"policy": json.dumps(first.policy)}
+        parameters = {"family": first.family, **first.settings.to_dict(), **({"policy": json.dumps(first.policy)}
                                                                     if first.policy else {})}
         if req.drawn_seed is not None:
             parameters["seed"] = req.drawn_seed

@@ -92,18 +92,18 @@ def images_response(req: ImageRequest, result: GenerationResult, latency_ms: flo
     return {"created": int(time.time()), "data": data,
             "model": result.model, "version": result.version, "family": result.family,
             "class_id": req.job.class_id, "class_name": req.class_name, "seed": req.job.seed,
-            "settings": result.settings,
+            "settings": result.settings.to_dict(),
             "latency_ms": round(latency_ms, 3), "replica_ms": round(result.replica_ms, 3), "policy": result.policy}
 
 
 def policy_headers(result: GenerationResult) -> dict[str, str]:
     """The policy's choice in HTTP headers too, for clients that do not read the body's extras."""
     p = result.policy or {}
-    headers = {"X-Genserve-Model": result.model}
+    headers = {"X-Genserve-Model": result.model, "X-Genserve-Node": result.node}
     if "predicted_ms" in p:
         headers |= {"X-Genserve-Predicted-Ms": str(p["predicted_ms"]), "X-Genserve-Actual-Ms": str(p["actual_ms"])}
-    if result.settings:
-        headers["X-Genserve-Settings"] = ",".join(f"{k}={v}" for k, v in result.settings.items())
+    if settings := result.settings.to_dict():
+        headers["X-Genserve-Settings"] = ",".join(f"{k}={v}" for k, v in settings.items())
     return headers
 
 

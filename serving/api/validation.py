@@ -15,7 +15,7 @@ import numpy as np
 
 from core.checks import is_int, is_number
 from core.contracts import IMAGE_SHAPE, NULL_CLASS, NUM_TRAIN_TIMESTEPS
-from core.settings import SAMPLER_NAMES
+from core.settings import SAMPLER_NAMES, SamplingSetting
 from serving.api.classes import CLASS_NAMES, class_from_prompt, class_list
 from serving.api.errors import APIError, invalid, model_not_found
 from serving.api.jobs import PolicyHints
@@ -107,7 +107,7 @@ def check_frames(frames: Any) -> int:
 
 
 def sampling_options(values: dict[str, Any], model: str, family: str | None) -> dict[str, Any]:
-    """GenerationJob's sampler, steps, guidance_scale and timeout_s from a request's sampler, steps,
+    """GenerationJob's setting (sampler, steps, guidance_scale) and timeout_s from a request's sampler, steps,
     guidance_scale (diffusion only; with auto (family None) they restrict the policy's choice to diffusion
     settings that match) and latency_slo_ms, each checked; absent ones are None."""
     allowed = SAMPLING_EXTRAS if family is None else ITERATIVE_EXTRAS.get(family, ())
@@ -126,7 +126,7 @@ def sampling_options(values: dict[str, Any], model: str, family: str | None) -> 
     slo = values.get("latency_slo_ms")
     if slo is not None and (not is_number(slo) or slo <= 0):
         raise invalid("latency_slo_ms", f"latency_slo_ms must be a number > 0, got {slo!r}")
-    return {"sampler": sampler, "steps": steps, "guidance_scale": None if guidance is None else float(guidance),
+    return {"setting": SamplingSetting(sampler, steps, None if guidance is None else float(guidance)),
             "timeout_s": None if slo is None else slo / 1000}
 
 

@@ -11,6 +11,7 @@ from dataclasses import asdict
 import numpy as np
 from ray import serve
 
+from core.settings import DPMPP_2M, SamplingSetting
 from serving.api.jobs import GenerationJob, GenerationResult, ImagesJob, LikelihoodResult, ModelInfo, ReplicaLoad
 from serving.config import ITERATIVE_GRAPH, IterativeConfig
 from serving.engine import (AsyncEngine, DiffusionRequest, DiffusionStepper, EngineCore, EngineMetrics, OnnxRunner,
@@ -41,17 +42,20 @@ class IterativeDeployment:
         if self._export is None:  # Serve runs reconfigure at replica start (user_config is always set)
             self._export = asyncio.create_task(export_engine_metrics(self.model.name, self.engine.core.metrics))
 
-    def _request(self, job: GenerationJob):
+    def _request(self, job: GenerationJob) -> tuple[DiffusionRequest | PixelCNNRequest, SamplingSetting]:
+        """The engine request for a job, and the setting it runs at in full: the job's over the manifest's
+        default (diffusion), the default temperature (PixelCNN)."""
         default = self.model.manifest.sampling.default
         deadline = time.monotonic() + job.timeout_s if job.timeout_s else None
         if self.model.family == "diffusion":
-            settings = {"sampler": job.sampler or default.get("sampler", "dpmpp_2m"),
-                        "steps": job.steps or int(default.get("steps", 20)),
-                        "guidance_scale": float(default.get("guidance_scale", 1.0) if job.guidance_scale is None
-                                                else job.guidance_scale)}
-            return DiffusionRequest(class_id=job.class_id, seed=job.seed, n=job.n, deadline=deadline, **settings), settings
-        settings = {"temperature": float(default.get("temperature", 1.0))}
-        return PixelCNNRequest(class_id=job.class_id, seed=job.seed, n=job.n, deadline=deadline, **settings), settings
+            s = job.setting.over(default)
+            s = SamplingSetting(s.sampler or DPMPP_2M, s.steps or 20,
+                                1.0 if s.guidance_scale is None else float(s.guidance_scale))
+            return DiffusionRequest(class_id=job.class_id, seed=job.seed, n=job.n, deadline=deadline, sampler=s.sampler,
+                                    steps=s.steps, guidance_scale=s.guidance_scale), s
+        s = SamplingSetting(temperature=float(default.temperature or 1.0))
+        return PixelCNNRequest(class_id=job.class_id, seed=job.seed, n=job.n, deadline=deadline,
+                               temperature=s.temperature), s
 
     async def _sample(self, request):
         """One request's images: it joins the engine's running batch (the request-level baseline overrides this)."""

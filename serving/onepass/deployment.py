@@ -12,6 +12,7 @@ from functools import partial
 import numpy as np
 from ray import serve
 
+from core.settings import SamplingSetting
 from serving.api.jobs import (GenerationJob, GenerationResult, ImagesJob, InterpolationJob, LikelihoodResult,
                               ModelInfo, ReconstructionResult, ReplicaLoad)
 from serving.config import ONE_PASS_GRAPH, OnePassConfig
@@ -34,7 +35,7 @@ class OnePassDeployment:
         self.graph = self.model.graph
         self.node = node_address()
         # flow.sample takes z already scaled by the sampling temperature (its contract); gan/vae have none
-        self.temperature = float(self.model.manifest.sampling.default.get("temperature", 1.0))
+        self.temperature = float(self.model.manifest.sampling.default.temperature or 1.0)
         self._executor = ThreadPoolExecutor(1, thread_name_prefix=f"genserve-{self.model.name}")
         self.batcher = ImageBatcher(self._forward, on_job_done=partial(record_request_times, self.model.name))
 
@@ -54,7 +55,7 @@ class OnePassDeployment:
         start = time.perf_counter()
         feeds = draw_inputs(self.graph.contract, job.class_id, job.n, job.seed, self.temperature)
         x = await self._sample(feeds)  # [n, 1, 28, 28]
-        settings = {"temperature": self.temperature} if self.model.family == "flow" else {}
+        settings = SamplingSetting(temperature=self.temperature) if self.model.family == "flow" else SamplingSetting()
         return GenerationResult(to_images(self.graph.contract, x), self.model.name, self.model.version,
                                 self.model.family, (time.perf_counter() - start) * 1000, settings, node=self.node)
 
@@ -67,13 +68,14 @@ class OnePassDeployment:
         self._require("interpolate")
         if job.seeds is not None:
             a, b = (draw_inputs(self.graph.contract, job.class_id, 1, seed)["z"][0] for seed in job.seeds)
-            path, settings = slerp(a, b, job.frames), {"endpoints": "seeds", "path": "slerp"}
+            path, walk = slerp(a, b, job.frames), ("seeds", "slerp")
         else:
             mu = await self._encode(job.images, job.class_id)  # [2, latent]
-            path, settings = lerp(mu[0], mu[1], job.frames), {"endpoints": "images", "path": "lerp"}
+            path, walk = lerp(mu[0], mu[1], job.frames), ("images", "lerp")
         x = await self.batcher.submit({"z": path, "y": np.full(job.frames, job.class_id, np.int64)})
         return GenerationResult(to_images(self.graph.contract, x), self.model.name, self.model.version,
-                                self.model.family, (time.perf_counter() - start) * 1000, settings, node=self.node)
+                                self.model.family, (time.perf_counter() - start) * 1000, SamplingSetting(),
+                                node=self.node, walk=walk)
 
     async def reconstruct(self, job: ImagesJob) -> ReconstructionResult:
         """vae: decode(encode(x)) at the posterior mean, and its per-pixel MSE (the anomaly score)."""

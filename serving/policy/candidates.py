@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
 
 from core.contracts import IMAGE_SHAPE, NULL_CLASS
+from core.settings import Quality, SamplingSetting
 from model_store.manifest import Manifest
 from serving.config import ITERATIVE_GRAPH, ONE_PASS_GRAPH
 
@@ -36,20 +36,6 @@ STANDARD_MIN_ACCURACY = 0.8
 BEST_FD_SLACK = 1.10
 
 
-def setting_key(setting: dict[str, Any]) -> str:
-    """The name `genserve evaluate` files a setting's metrics under in metrics["by_setting"]; mirrors
-    families.evaluate.setting_key (serving never imports families/; tests check they agree)."""
-    if not setting:
-        return "default"
-    return "-".join(f"{k}={v}" for k, v in sorted(setting.items()))
-
-
-@dataclass(frozen=True)
-class Quality:
-    fd: float                  # Fréchet distance in the classifier's feature space, lower is better
-    class_accuracy: float      # share of samples the classifier labels with the class asked for
-
-
 @dataclass(frozen=True)
 class QualityFloor:
     max_fd: float | None = None
@@ -65,62 +51,46 @@ class Candidate:
     model: str                   # served model name (its deployment)
     family: str
     iterative: bool              # step-batched engine (diffusion, pixelcnn) or one forward
-    setting: dict[str, Any]      # the full sampling setting, e.g. {"sampler", "steps", "guidance_scale"}
+    setting: SamplingSetting     # the full sampling setting (sampler, steps, guidance_scale / temperature)
     quality: Quality | None      # None: never measured at this setting
 
     @property
     def label(self) -> str:
         """Short and unique per model, e.g. 'diffusion dpmpp_2m/20 g=2.0', 'flow T=0.7', 'gan'."""
-        s = dict(self.setting)
+        s = self.setting
         parts = [self.model]
-        if "sampler" in s:
-            parts.append(f"{s.pop('sampler')}/{s.pop('steps')}")
-        names = {"guidance_scale": "g", "temperature": "T"}
-        parts += [f"{names.get(k, k)}={v}" for k, v in sorted(s.items())]
+        if s.sampler is not None:
+            parts.append(f"{s.sampler}/{s.steps}")
+        parts += [f"{name}={v}" for name, v in (("g", s.guidance_scale), ("T", s.temperature)) if v is not None]
         return " ".join(parts)
 
     def steps(self) -> int:
         """Engine steps per request: sampler steps (diffusion), one per pixel (PixelCNN), one forward (one-pass)."""
         if not self.iterative:
             return 1
-        return int(self.setting["steps"]) if "steps" in self.setting else PIXELS
+        return self.setting.steps if self.setting.steps is not None else PIXELS
 
     def units(self, n: int, class_id: int) -> int:
         """Rows per engine step (images per forward for one-pass): classifier-free guidance adds an
         unconditional row per image, except for classless requests (as DiffusionRequest.rows)."""
-        guided = self.setting.get("guidance_scale", 1.0) != 1.0 and class_id != NULL_CLASS
-        return n * (2 if guided else 1)
+        return n * (2 if self.setting.guided(class_id, NULL_CLASS) else 1)
 
     def rank(self) -> tuple[float, float]:
         """Sort key, best first: FD, then class accuracy."""
         return (self.quality.fd, -self.quality.class_accuracy)
 
 
-def measured_quality(manifest: Manifest, setting: dict[str, Any]) -> Quality | None:
-    """The metrics of exactly this setting: by_setting[key], or the top-level metrics when the setting is the
-    manifest's default (evaluate copies the default's metrics there; cards older than by_setting have only
-    those)."""
-    m = manifest.metrics
-    entry = (m.get("by_setting") or {}).get(setting_key(setting))
-    if entry is None and setting == manifest.sampling.default:
-        entry = m
-    if not entry or "fd" not in entry or "class_accuracy" not in entry:
-        return None
-    return Quality(float(entry["fd"]), float(entry["class_accuracy"]))
-
-
 def candidates_of(model: str, manifest: Manifest) -> list[Candidate]:
     """Every setting the manifest allows (its default when it lists none)."""
     iterative = manifest.family in ITERATIVE_GRAPH
     settings = manifest.sampling.allowed or [manifest.sampling.default]
-    return [Candidate(model, manifest.family, iterative, dict(s), measured_quality(manifest, s)) for s in settings]
+    return [Candidate(model, manifest.family, iterative, s, manifest.quality(s)) for s in settings]
 
 
-def explicit_candidate(model: str, manifest: Manifest, overrides: dict[str, Any]) -> Candidate:
+def explicit_candidate(model: str, manifest: Manifest, overrides: SamplingSetting) -> Candidate:
     """What a request naming the model gets: the manifest's default with the request's own settings over it."""
-    setting = {**manifest.sampling.default, **overrides}
-    return Candidate(model, manifest.family, manifest.family in ITERATIVE_GRAPH, setting,
-                     measured_quality(manifest, setting))
+    setting = overrides.over(manifest.sampling.default)
+    return Candidate(model, manifest.family, manifest.family in ITERATIVE_GRAPH, setting, manifest.quality(setting))
 
 
 def tier_floor(tier: str | None, eligible: list[Candidate]) -> QualityFloor:

@@ -6,7 +6,7 @@ The ingress owns one Policy and calls it from its one event loop:
 
     outcome = policy.decide(hints, time.monotonic())      # on arrival
     if isinstance(outcome, Rejection): answer outcome.http_status (429 + Retry-After, gRPC RESOURCE_EXHAUSTED)
-    else: send a GenerationJob with outcome.model / outcome.settings, and whatever happens,
+    else: send a GenerationJob with outcome.model / outcome.setting, and whatever happens,
           policy.finish(outcome.ticket, time.monotonic(), Outcome.OK | EXPIRED | CANCELLED | FAILED)
     policy.observe_live(model, LiveState(...))            # whenever a replica's load is read
 
@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
+from core.settings import SamplingSetting
 from model_store.manifest import Manifest
 from serving.config import ITERATIVE_GRAPH, ONE_PASS_GRAPH, IterativeConfig, OnePassConfig
 from serving.policy.candidates import (GOAL_FAMILIES, TIERS, Candidate, Quality, QualityFloor, candidates_of,
@@ -81,20 +82,13 @@ class Hints:
     best_effort: bool = False              # when nothing fits the SLO: the fastest candidate, not a 429
     # Explicit sampler settings: with a named model they override its default; with auto they restrict
     # the candidates to those settings (steps=20: the diffusion settings with 20 steps).
-    sampler: str | None = None
-    steps: int | None = None
-    guidance_scale: float | None = None
+    setting: SamplingSetting = SamplingSetting()
 
     def __post_init__(self):
         if self.tier is not None and self.tier not in TIERS:
             raise ValueError(f"tier must be one of {TIERS}, got {self.tier!r}")
         if self.goal not in GOAL_FAMILIES:
             raise ValueError(f"goal must be one of {tuple(GOAL_FAMILIES)}, got {self.goal!r}")
-
-    @property
-    def pinned(self) -> dict[str, Any]:
-        return {k: v for k, v in (("sampler", self.sampler), ("steps", self.steps),
-                                  ("guidance_scale", self.guidance_scale)) if v is not None}
 
 
 @dataclass(frozen=True)
@@ -115,7 +109,7 @@ class Decision:
     ticket: int
     model: str
     family: str
-    settings: dict[str, Any]     # the full sampling setting for the job (sampler, steps, guidance_scale, ...)
+    setting: SamplingSetting     # the full sampling setting for the job (sampler, steps, guidance_scale, ...)
     label: str                   # the candidate, e.g. "diffusion dpmpp_2m/20 g=2.0": the metrics label
     quality: Quality | None
     units: int                   # rows per step (images for one-pass) it was admitted with
@@ -129,7 +123,7 @@ class Decision:
 
     def explain(self) -> dict[str, Any]:
         """What the response says about the choice (the ingress adds the actual latency)."""
-        return {"model": self.model, "settings": self.settings, "predicted_ms": round(self.predicted_ms, 1),
+        return {"model": self.model, "settings": self.setting.to_dict(), "predicted_ms": round(self.predicted_ms, 1),
                 "margin": round(self.margin, 2), "slo_ms": self.slo_ms, "reason": self.reason}
 
 
@@ -216,7 +210,7 @@ class Policy:
         else:
             if hints.model not in self.manifests:
                 raise ValueError(f"unknown model {hints.model!r}; served: {sorted(self.manifests)}")
-            pool = [explicit_candidate(hints.model, self.manifests[hints.model], hints.pinned)]
+            pool = [explicit_candidate(hints.model, self.manifests[hints.model], hints.setting)]
 
         estimates = []
         for c in pool:  # best quality first: the first that fits is the choice
@@ -253,9 +247,9 @@ class Policy:
     def _eligible(self, hints: Hints) -> list[Candidate]:
         """Measured candidates that serve the goal, match pinned settings and clear the floors, best first
         (fewer steps first on a tie: same quality, less work)."""
-        families, pinned = GOAL_FAMILIES[hints.goal], hints.pinned
+        families, pinned = GOAL_FAMILIES[hints.goal], hints.setting.to_dict()
         pool = [c for c in self.candidates if c.quality is not None and c.family in families
-                and all(c.setting.get(k) == v for k, v in pinned.items())]
+                and all(getattr(c.setting, k) == v for k, v in pinned.items())]
         floors = (tier_floor(hints.tier, pool), QualityFloor(hints.max_fd, hints.min_class_accuracy))
         return sorted((c for c in pool if all(f.admits(c.quality) for f in floors)),
                       key=lambda c: (*c.rank(), c.steps()))
@@ -292,7 +286,7 @@ class Policy:
             why = f"{head}{q}: predicted {e.predicted_ms:.0f} ms x margin {e.margin:.2f} <= SLO {slo:.0f} ms"
             if skipped := [k for k in estimates if k is not e]:
                 why += "; better but too slow: " + ", ".join(k.why_not() for k in skipped[:3])
-        return Decision(ticket, c.model, c.family, dict(c.setting), c.label, c.quality, units, c.steps(),
+        return Decision(ticket, c.model, c.family, c.setting, c.label, c.quality, units, c.steps(),
                         e.predicted_ms, e.margin, slo, best_effort, f"{c.label}: {why}",
                         tuple(k.considered() for k in estimates))
 

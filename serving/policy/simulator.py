@@ -22,10 +22,10 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
+from core.settings import SamplingSetting
 from model_store.manifest import LatencyProfile, Manifest, SamplingSettings
 from serving.engine.scheduler import Scheduler, StepPlan  # torch-free
 from serving.engine.state import RequestState
-from serving.policy.candidates import setting_key
 from serving.policy.latency import LiveState
 from serving.policy.policy import AUTO, Decision, Hints, Outcome, Policy, PolicyConfig, Rejection, ServedModel
 
@@ -256,30 +256,30 @@ _DIFFUSION_SETTINGS = [("dpmpp_2m", 10), ("dpmpp_2m", 15), ("dpmpp_2m", 20), ("d
 
 
 def _synthetic(name: str, family: str, graph: str, ms_1: float, ms_64: float,
-               settings: list[dict], quality: list[tuple[float, float]]) -> ServedModel:
+               settings: list[SamplingSetting], quality: list[tuple[float, float]]) -> ServedModel:
     """A manifest with a linear latency profile from ms_1 to ms_64 and (FD, class accuracy) per setting."""
-    by_setting = {setting_key(s): {"setting": s, "fd": fd, "class_accuracy": acc}
+    by_setting = {s.key: {"setting": s.to_dict(), "fd": fd, "class_accuracy": acc}
                   for s, (fd, acc) in zip(settings, quality)}
     profile = {graph: {b: ms_1 + (ms_64 - ms_1) * (b - 1) / 63 for b in _LADDER}}
     latency = LatencyProfile(machine={}, provider="synthetic", provider_reason="synthetic", threads=None,
                              measured_at="", ms_per_forward=profile)
     manifest = Manifest(model=name, version="synthetic", family=family, created_at="", graphs=[],
                         sampling=SamplingSettings(default=settings[0], allowed=settings),
-                        metrics={**by_setting[setting_key(settings[0])], "by_setting": by_setting}, latency=latency)
+                        metrics={**by_setting[settings[0].key], "by_setting": by_setting}, latency=latency)
     return ServedModel(name, manifest)
 
 
 def synthetic_models() -> list[ServedModel]:
     """The five families with this repo's CPU profile (genserve build, 2 threads) and made-up but ordered
     quality: diffusion improves with steps, DPM-Solver++ beats DDIM at equal steps."""
-    diffusion = [{"sampler": s, "steps": k, "guidance_scale": 2.0} for s, k in _DIFFUSION_SETTINGS]
+    diffusion = [SamplingSetting(s, k, 2.0) for s, k in _DIFFUSION_SETTINGS]
     return [
-        _synthetic("gan", "gan", "generate", 0.4, 21.0, [{}], [(150.0, 0.84)]),
-        _synthetic("vae", "vae", "decode", 0.1, 4.0, [{}], [(209.0, 0.80)]),
-        _synthetic("flow", "flow", "sample", 1.0, 37.0, [{"temperature": 0.7}], [(530.0, 0.71)]),
+        _synthetic("gan", "gan", "generate", 0.4, 21.0, [SamplingSetting()], [(150.0, 0.84)]),
+        _synthetic("vae", "vae", "decode", 0.1, 4.0, [SamplingSetting()], [(209.0, 0.80)]),
+        _synthetic("flow", "flow", "sample", 1.0, 37.0, [SamplingSetting(temperature=0.7)], [(530.0, 0.71)]),
         _synthetic("diffusion", "diffusion", "denoise", 1.7, 84.0, diffusion,
                    [(47.0, 0.973), (43.0, 0.975), (41.5, 0.976), (40.5, 0.977), (45.0, 0.974), (40.0, 0.977)]),
-        _synthetic("pixelcnn", "pixelcnn", "logits", 1.8, 116.0, [{"temperature": 1.0}], [(644.0, 0.34)]),
+        _synthetic("pixelcnn", "pixelcnn", "logits", 1.8, 116.0, [SamplingSetting(temperature=1.0)], [(644.0, 0.34)]),
     ]
 
 
