@@ -42,7 +42,7 @@ def test_a_request_is_one_job_per_image():
                 {"steps": 4, "sampler": "ddim", "latency_slo_ms": 800}, name="diffusion")
     assert req.model == "diffusion" and req.drawn_seed is None
     assert [(j.class_id, j.seed, j.n) for j in req.jobs] == [(7, 5, 1), (7, 9, 1), (NULL_CLASS, 5, 1)]
-    assert {(j.steps, j.sampler, j.timeout_s) for j in req.jobs} == {(4, "ddim", 0.8)}
+    assert {(j.setting.steps, j.setting.sampler, j.timeout_s) for j in req.jobs} == {(4, "ddim", 0.8)}
     # raw little-endian bytes (binary extension, gRPC raw contents) and nested JSON decode alike
     assert decode_input("class_id", "INT64", [2], np.array([1, 2], "<i8").tobytes()) == ("class_id", [1, 2])
     assert decode_input("seed", "INT64", [2], [[1], [2]]) == ("seed", [1, 2])

@@ -17,6 +17,7 @@ import openai
 import pytest
 
 from core.contracts import NULL_CLASS
+from core.settings import SamplingSetting
 from model_store import ModelStore
 from serving.api.classes import class_from_prompt
 from serving.api.errors import APIError
@@ -73,12 +74,12 @@ def test_request_parsing():
                                  "max_fd": 100, "min_class_accuracy": 0.8}, SERVED).hints
     assert (hints.tier, hints.goal, hints.best_effort, hints.max_fd, hints.min_class_accuracy) == \
            ("best", "latent", True, 100, 0.8)
-    assert parse_image_request({"steps": 20}, SERVED).job.steps == 20   # auto: pins the diffusion settings
+    assert parse_image_request({"steps": 20}, SERVED).job.setting.steps == 20   # auto: pins the diffusion settings
     assert parse_image_request({"model": "auto", "prompt": ""}, SERVED).job.class_id == NULL_CLASS
     assert parse_image_request({"model": "vae", "class_id": 9, "prompt": "a nice one"}, SERVED).job.class_id == 9
     d = parse_image_request({"model": "diffusion", "steps": 10, "sampler": "ddim", "guidance_scale": 3,
                              "latency_slo_ms": 500}, SERVED).job
-    assert (d.steps, d.sampler, d.guidance_scale, d.timeout_s) == (10, "ddim", 3.0, 0.5)
+    assert (d.setting, d.timeout_s) == (SamplingSetting("ddim", 10, 3.0), 0.5)
 
 
 @pytest.mark.parametrize("body, status, param, message", [
@@ -228,7 +229,7 @@ def test_diffusion_through_the_step_engine(client, store):
     images = images_of(first)
     assert images.shape == (2, 28, 28)
     assert first.model_extra["settings"] == {"sampler": "dpmpp_2m", "steps": 3,
-                                             "guidance_scale": store.manifest("diffusion").sampling.default["guidance_scale"]}
+                                             "guidance_scale": store.manifest("diffusion").sampling.default.guidance_scale}
     assert first.model_extra["version"] == store.resolve("diffusion")[1]
     np.testing.assert_array_equal(images_of(again), images)
     assert other.model_extra["settings"] == {"sampler": "ddim", "steps": 3, "guidance_scale": 1.0}
