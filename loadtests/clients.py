@@ -18,6 +18,7 @@ from typing import Any
 import aiohttp
 import grpc
 
+from core.protos.parameters import parameter_value, set_parameter
 from loadtests.scenario import Scenario, Template
 
 IMAGE_SIDE = 28
@@ -202,18 +203,6 @@ def _pb():
     return open_inference_pb2, open_inference_pb2_grpc
 
 
-def _set_parameter(p: Any, value: Any) -> None:
-    """An InferParameter from a YAML scalar."""
-    if isinstance(value, bool):
-        p.bool_param = value
-    elif isinstance(value, int):
-        p.int64_param = value
-    elif isinstance(value, float):
-        p.double_param = value
-    else:
-        p.string_param = str(value)
-
-
 class KServeGRPCClient(Client):
     """KServe v2 over gRPC; url grpc://HOST:PORT. One channel multiplexes every request (HTTP/2 streams)."""
 
@@ -245,7 +234,7 @@ class KServeGRPCClient(Client):
         request.inputs.add(name="seed", datatype="INT64", shape=[n]).contents.int64_contents.extend(
             [seed + i for i in range(n)])
         for key, value in template.extras().items():
-            _set_parameter(request.parameters[key], value)
+            set_parameter(request.parameters[key], value)
         request.outputs.add(name="image")
         try:
             response = await self._stub.ModelInfer(request)
@@ -260,8 +249,7 @@ class KServeGRPCClient(Client):
         # raw bytes, as Triton and genserve answer; else typed contents
         values = (len(response.raw_output_contents[image]) if len(response.raw_output_contents) > image
                   else len(out.contents.uint_contents))
-        parameters = {k: getattr(v, v.WhichOneof("parameter_choice")) for k, v in response.parameters.items()
-                      if v.WhichOneof("parameter_choice")}
+        parameters = {k: value for k, v in response.parameters.items() if (value := parameter_value(v)) is not None}
         return _served(response.model_name, parameters, size,
                        _image_error(template, out.datatype, list(out.shape), values))
 

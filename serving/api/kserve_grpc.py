@@ -21,6 +21,7 @@ import logging
 import grpc
 from google.protobuf import json_format
 
+from core.protos.parameters import parameter_value, set_parameter
 from serving.api.errors import APIError, invalid
 from serving.api.kserve import IMAGE, OUTPUTS, decode_input, parse_infer
 from serving.api.validation import resolve_model
@@ -37,23 +38,6 @@ def _pb():
 def status_code(err: APIError) -> grpc.StatusCode:
     """The gRPC status of an API error (serving.api.errors maps its HTTP status and code)."""
     return grpc.StatusCode[err.grpc_status()]
-
-
-def parameter_value(p) -> object:
-    """An InferParameter's value (bool, int, str or float), None when unset."""
-    kind = p.WhichOneof("parameter_choice")
-    return None if kind is None else getattr(p, kind)
-
-
-def set_parameter(p, value: object) -> None:
-    if isinstance(value, bool):
-        p.bool_param = value
-    elif isinstance(value, int):
-        p.int64_param = value
-    elif isinstance(value, float):
-        p.double_param = value
-    else:
-        p.string_param = str(value)
 
 
 def _answers(response: str):
