@@ -16,6 +16,7 @@ from serving.api.jobs import GenerationJob, GenerationResult, ImagesJob, Likelih
 from serving.config import ITERATIVE_GRAPH, IterativeConfig
 from serving.engine import (AsyncEngine, DiffusionRequest, DiffusionStepper, EngineCore, EngineMetrics, OnnxRunner,
                             PixelCNNRequest, PixelCNNStepper)
+from serving.engine.autoscaling import ROW_DEMAND
 from serving.observability.engine import StepTiming, export_engine_metrics
 from serving.operations import pixelcnn_bits_per_dim
 from serving.runtime import load_model, node_address, replica_cpus, threads_for
@@ -97,6 +98,12 @@ class IterativeDeployment:
         return ReplicaLoad(running_units=m.rows, running_requests=m.running, running_steps=m.steps_in_flight,
                            queued_units=m.rows_queued, queued_requests=m.queue_length, queued_steps=m.steps_queued,
                            budget=m.max_rows or None)
+
+    def record_autoscaling_stats(self) -> dict[str, float]:
+        """Serve's custom autoscaling metric (serving.engine.autoscaling): rows running and queued, in row
+        budgets. Serve polls it every metrics_interval_s."""
+        m = self.engine.core.metrics
+        return {ROW_DEMAND: (m.rows + m.rows_queued) / max(1, self.config.max_batch_rows)}
 
     async def metrics(self) -> EngineMetrics:
         """The engine's gauges and counters (serving.engine.metrics), for tests and benchmarks."""
