@@ -72,10 +72,50 @@ def session_options(threads: int | None = None,
     return so
 
 
+def external_data(model: bytes) -> list[tuple[str, str]]:
+    """(tensor name, location) of every tensor in the serialized graph whose data lives in another file."""
+    import onnx
+
+    proto = onnx.ModelProto.FromString(model)
+    found: list[tuple[str, str]] = []
+
+    def tensors(graph) -> None:
+        for t in graph.initializer:
+            visit(t)
+        for node in graph.node:
+            for a in node.attribute:
+                for t in ([a.t] if a.HasField("t") else []) + list(a.tensors):
+                    visit(t)
+                for g in ([a.g] if a.HasField("g") else []) + list(a.graphs):
+                    tensors(g)
+
+    def visit(t) -> None:
+        if t.data_location == onnx.TensorProto.EXTERNAL:
+            found.append((t.name, {e.key: e.value for e in t.external_data}.get("location", "")))
+
+    tensors(proto.graph)
+    return found
+
+
+def check_self_contained(model: bytes) -> None:
+    """Refuse a graph that reads tensors from other files. genserve opens graphs from the bytes the model
+    store verified, so an external file is data no manifest hash covers, and a location like
+    `../../x` or `/etc/x` would make ONNX Runtime read outside the version folder. ValueError names it."""
+    if refs := external_data(model):
+        name, location = refs[0]
+        escapes = Path(location).is_absolute() or ".." in Path(location).parts
+        raise ValueError(f"the graph reads tensor {name!r} from external file {location!r}"
+                         f"{', outside its version folder' if escapes else ''} ({len(refs)} external tensor(s)); "
+                         "genserve serves self-contained graphs only, from their verified bytes")
+
+
 def make_session(model: Path | bytes, *, threads: int | None = None, choice: ProviderChoice | None = None,
                  provider_options: dict[str, dict[str, Any]] | None = None,
                  level: ort.GraphOptimizationLevel = ort.GraphOptimizationLevel.ORT_ENABLE_ALL) -> ort.InferenceSession:
-    """A session on the chosen providers; model is a path or the verified bytes from the model store."""
+    """A session on the chosen providers; model is a path or the verified bytes from the model store (which
+    must be self-contained: check_self_contained)."""
+    if isinstance(model, bytes):
+        check_self_contained(model)
     choice = choice or choose_providers()
     opts = provider_options or {}
     providers = [(p, opts[p]) if p in opts else p for p in choice.providers]
