@@ -124,6 +124,9 @@ def test_serves_on_loopback_then_ctrl_c_stops_it(gan_store):
         assert f"http://127.0.0.1:{port}/v1" in lines[-1]
         models = get_json(f"http://127.0.0.1:{port}/v1/models")
         assert [m["id"] for m in models["data"]] == ["gan"]
+        listening = {c.laddr.ip for c in psutil.net_connections("tcp") if c.status == psutil.CONN_LISTEN
+                     and c.laddr.port == port}
+        assert listening == {"127.0.0.1"}   # not every interface: --host opens it
     finally:
         took, started = interrupt(proc)
     assert took < STOP_WITHIN_S and proc.returncode == 0
