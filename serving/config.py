@@ -56,10 +56,16 @@ class IterativeConfig:
 
     # Rows per engine step (a guided diffusion image takes two); the same ceiling as the one-pass batch.
     max_batch_rows: int = 64
+    # Rows that may wait for room in the batch; a request that would queue past it is refused at once (HTTP
+    # 503 + Retry-After). Four full batches: enough to keep the batch full between admissions, little enough
+    # that a request queued last still starts within four batches' time instead of waiting out its deadline.
+    max_waiting_rows: int = 256
 
     def __post_init__(self):
         if not is_int(self.max_batch_rows) or self.max_batch_rows < 1:
             raise ValueError(f"max_batch_rows must be an integer >= 1, got {self.max_batch_rows!r}")
+        if not is_int(self.max_waiting_rows) or self.max_waiting_rows < 1:
+            raise ValueError(f"max_waiting_rows must be an integer >= 1, got {self.max_waiting_rows!r}")
 
     @classmethod
     def from_dict(cls, d: dict[str, Any] | None) -> IterativeConfig:
@@ -93,7 +99,9 @@ class AppArgs:
     # The store: a local path or file:// URI; None means $GENSERVE_STORE, else ./model_store_data
     # (relative to the working directory Ray runs replicas in: give an absolute path for `serve deploy`).
     store: str | None = None
-    ingress_timeout_s: float = 120.0     # a request with no latency_slo_ms gives up after this (HTTP 504)
+    # The deadline of a request that sets none (no latency_slo_ms, X-Request-Timeout-Ms or Triton timeout):
+    # admitted against it like an SLO, dropped from the step batch and answered 504 when it passes
+    ingress_timeout_s: float = 120.0
     # "step": genserve's paths (image-count batching, the step engine); "request": the plain @serve.batch
     # baseline over whole requests (serving/request_batching.py), for the benchmarks
     batching: str = "step"

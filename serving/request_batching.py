@@ -27,7 +27,7 @@ from serving.onepass.deployment import OnePassDeployment
 ITERATIVE_WAIT_S = 0.01
 
 
-@serve.deployment(ray_actor_options={"num_cpus": 1}, max_ongoing_requests=256)
+@serve.deployment(ray_actor_options={"num_cpus": 1}, max_ongoing_requests=256, max_queued_requests=64)
 class RequestBatchedOnePass(OnePassDeployment.func_or_class):
     async def reconfigure(self, user_config: dict) -> None:
         config = OnePassConfig.from_dict(user_config)
@@ -47,7 +47,7 @@ class RequestBatchedOnePass(OnePassDeployment.func_or_class):
         return await self._forward_requests(feeds)
 
 
-@serve.deployment(ray_actor_options={"num_cpus": 1}, max_ongoing_requests=256)
+@serve.deployment(ray_actor_options={"num_cpus": 1}, max_ongoing_requests=384, max_queued_requests=64)
 class RequestBatchedIterative(IterativeDeployment.func_or_class):
     async def reconfigure(self, user_config: dict) -> None:
         self.config = IterativeConfig.from_dict(user_config)

@@ -5,19 +5,27 @@
   asked, but still admitted only if it is predicted to meet its deadline (else 429 + Retry-After, unless
   the request said best_effort).
 - A background task reads each replica's live load (`stats()`) a few times a second, so predictions
-  follow load that the policy did not admit itself (another ingress replica, requests in flight at start).
+  follow load that the policy did not admit itself (another ingress replica, requests in flight at start);
+  a replica whose model failed to load answers why instead, and its model leaves `auto`'s choices and is
+  refused at once (503) until a read finds it serving.
+- Every request has a deadline, admitted against like an SLO: the tightest of its latency_slo_ms, the
+  client's own timeout (the X-Request-Timeout-Ms header, `client_timeout_s`) and, when it sets neither, the
+  ingress timeout.
 
 One Admission per ingress replica, used from its one event loop (the policy is not thread-safe)."""
 import asyncio
 import dataclasses
+import math
 import time
+from contextvars import ContextVar
 from typing import Any
 
 from ray.serve.handle import DeploymentHandle
 
 from model_store.manifest import Manifest
 from serving.api.jobs import GenerationJob, PolicyHints, ReplicaLoad
-from serving.api.errors import APIError
+from serving.api.errors import APIError, invalid
+from serving.errors import ModelUnavailable
 from serving.policy import Decision, Hints, LiveState, Outcome, Policy, PolicyConfig, Rejection, ServedModel
 
 LIVE_PERIOD_S = 0.2    # how often replicas' load is read: a diffusion step at full batch is ~0.15 s here
@@ -25,16 +33,50 @@ LIVE_PERIOD_S = 0.2    # how often replicas' load is read: a diffusion step at f
 # does not see: a real load ramp here measured a median 29 ms between the client's and the ingress's times
 EDGE_MS = 20.0
 
+# The client's own timeout for one request, in milliseconds, from its arrival at the ingress (an HTTP header;
+# gRPC clients may send it as metadata). The OpenAI client's timeout= only closes the connection, which
+# cancels the work too, but unannounced: the policy cannot plan for it.
+TIMEOUT_HEADER = "X-Request-Timeout-Ms"
+# (arrival on time.monotonic(), the header's raw value) of the request in flight on this task; set by the
+# ingress's middleware, read by client_timeout_s
+_client_timeout: ContextVar[tuple[float, str] | None] = ContextVar("genserve_client_timeout", default=None)
+
+
+def note_client_timeout(value: str | None, arrival: float) -> None:
+    """The request in flight carries a client timeout (TIMEOUT_HEADER's value; None: it has none)."""
+    _client_timeout.set(None if value is None else (arrival, value))
+
+
+def client_timeout_s() -> float | None:
+    """Seconds left of the request's client timeout (at least 1 ms), None without one. Raises APIError 400
+    for a value that is not a number of milliseconds > 0."""
+    noted = _client_timeout.get()
+    if noted is None:
+        return None
+    arrival, value = noted
+    try:
+        ms = float(value)
+    except ValueError:
+        ms = math.nan
+    if not (math.isfinite(ms) and ms > 0):
+        raise invalid(TIMEOUT_HEADER, f"{TIMEOUT_HEADER} must be a number of milliseconds > 0, got {value[:40]!r}")
+    return max(0.001, arrival + ms / 1000 - time.monotonic())
+
 
 class Admission:
     def __init__(self, manifests: dict[str, Manifest], timeout_s: float):
         self.policy = Policy([ServedModel(name, m) for name, m in manifests.items()],
                              PolicyConfig(default_slo_ms=timeout_s * 1000, edge_ms=EDGE_MS))
+        self._candidates = list(self.policy.candidates)  # every served model's, for when one comes back
+        self.unavailable: dict[str, str] = {}  # model -> why its replica cannot serve it, as its stats() said
         self._live: asyncio.Task | None = None
 
     def admit(self, model: str, job: GenerationJob, hints: PolicyHints | None = None) -> tuple[Decision, GenerationJob]:
         """On arrival: the decision and the job to send (the chosen model's settings filled in). Raises
-        APIError 429 (Retry-After when waiting helps) or 400 (no served model can do what was asked)."""
+        APIError 429 (Retry-After when waiting helps), 503 (the model named failed to load) or 400 (no
+        served model can do what was asked)."""
+        if model in self.unavailable:
+            raise APIError(503, self.unavailable[model], code="model_unavailable")
         hints = hints or PolicyHints()
         ask = Hints(model=model, n=job.n, class_id=job.class_id,
                     latency_slo_ms=job.timeout_s * 1000 if job.timeout_s else None,
@@ -62,4 +104,16 @@ class Admission:
             for name, load in zip(names, results):
                 if isinstance(load, ReplicaLoad):  # else the replica is down or restarting: skip this read
                     self.policy.observe_live(name, LiveState(time.monotonic(), **dataclasses.asdict(load)))
+                self._available(name, load)
             await asyncio.sleep(LIVE_PERIOD_S)
+
+    def _available(self, name: str, load: object) -> None:
+        """A stats() answer: a ReplicaLoad means the model serves, a ModelUnavailable that it failed to load
+        (anything else, e.g. a replica restarting, changes nothing). `auto` chooses among serving models."""
+        before = set(self.unavailable)
+        if isinstance(load, ModelUnavailable):
+            self.unavailable[name] = str(getattr(load, "cause", None) or load)
+        elif isinstance(load, ReplicaLoad):
+            self.unavailable.pop(name, None)
+        if set(self.unavailable) != before:
+            self.policy.candidates = [c for c in self._candidates if c.model not in self.unavailable]

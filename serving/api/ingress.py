@@ -4,6 +4,12 @@ class holds what they share: the model handles and the one call to a model, boun
 the model's failures mapped to API errors (serving.api.errors.APIError, which each protocol renders in
 its own shape).
 
+Deadlines: a request's deadline is the tightest of its latency_slo_ms, the client's X-Request-Timeout-Ms
+header (serving.api.admission) and the ingress timeout; it is admitted against it, the model call is cut at
+it (504), and the job carries what is left of it to the replica, whose step engine drops it at the first
+step past it. Overload: a full bounded queue anywhere (Serve's max_queued_requests in front of a model, the
+step engine's max_waiting_rows) is a 503 with Retry-After at once (gRPC RESOURCE_EXHAUSTED).
+
 Imports no runtime and no torch: the model deployments hold the sessions and the engine."""
 import asyncio
 import dataclasses
@@ -17,20 +23,25 @@ from ray.serve.handle import DeploymentHandle
 
 from serving.api.http import api, logger
 from model_store.manifest import Manifest
-from serving.api.admission import Admission, Outcome
+from serving.api.admission import TIMEOUT_HEADER, Admission, Outcome, client_timeout_s, note_client_timeout
 from serving.api.jobs import GenerationJob, GenerationResult, ImagesJob, InterpolationJob, PolicyHints
 from serving.api.errors import APIError
 from serving.api import family_routes, kserve_http, openai_routes, playground
 from serving.api.kserve import OpenInference
 from serving.api.kserve_grpc import GRPCInferenceService
 from serving.api.validation import AUTO
-from serving.errors import DeadlineExceeded, EngineStopped, RequestCancelled
+from serving.errors import DeadlineExceeded, EngineOverloaded, EngineStopped, ModelUnavailable, RequestCancelled
 from serving.observability import note_model, observe_model_call, record_decision, record_retry
 
-# Errors a model deployment raises on purpose (serving.errors, torch-free) -> status, error code
-_REQUEST_ERRORS = {DeadlineExceeded: (504, "deadline_exceeded"),
-                   RequestCancelled: (503, "request_cancelled"),
-                   EngineStopped: (503, "engine_stopped")}
+# A full queue drains within about a batch's time (a diffusion step at full batch is ~0.15 s here): a client
+# told to come back in a second finds room, and is not told to wait out a whole queue it would not be in
+RETRY_OVERLOADED_S = 1.0
+# Errors a model deployment raises on purpose (serving.errors, torch-free) -> status, error code, Retry-After
+_REQUEST_ERRORS = {DeadlineExceeded: (504, "deadline_exceeded", None),
+                   RequestCancelled: (503, "request_cancelled", None),
+                   EngineStopped: (503, "engine_stopped", None),
+                   EngineOverloaded: (503, "overloaded", RETRY_OVERLOADED_S),
+                   ModelUnavailable: (503, "model_unavailable", None)}
 
 # A call whose replica died is sent again (seeded jobs are idempotent) at most this often, and only with at
 # least MIN_RETRY_S of its deadline left: a retry that cannot finish would only add load to the survivors.
@@ -43,7 +54,26 @@ api.include_router(playground.router)
 api.include_router(kserve_http.router)
 
 
-@serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=1000)
+class ClientTimeout:
+    """ASGI middleware: notes each HTTP request's X-Request-Timeout-Ms (serving.api.admission) for the ingress's
+    generate / operate, which read it in the request's own context."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http":
+            value = next((v.decode("latin-1") for k, v in scope["headers"] if k == _TIMEOUT_KEY), None)
+            note_client_timeout(value, time.monotonic())
+        await self.app(scope, receive, send)
+
+
+_TIMEOUT_KEY = TIMEOUT_HEADER.lower().encode()
+api.add_middleware(ClientTimeout)
+
+
+# the bounds deploy/serve_config.yaml sets, for apps built without it (the benchmarks')
+@serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=500, max_queued_requests=100)
 @serve.ingress(api)
 class Ingress(GRPCInferenceService):  # gRPC: Serve's proxy calls the method named after the RPC
     def __init__(self, models: dict[str, DeploymentHandle], manifests: dict[str, Manifest], timeout_s: float,
@@ -56,12 +86,21 @@ class Ingress(GRPCInferenceService):  # gRPC: Serve's proxy calls the method nam
         self.admission = Admission(manifests, timeout_s) if admission else None
         self.v2 = OpenInference(self)  # KServe v2's operations, for its HTTP routes and gRPC methods
 
+    def check_health(self) -> None:
+        """Serve's liveness probe (every health_check_period_s): the ingress holds a handle for every model it
+        was built with. Whether those models serve is readiness (/v2/health/ready), not the ingress's
+        liveness: restarting the ingress would mend no model, and would cut every request in flight."""
+        if not self.models or not all(isinstance(h, DeploymentHandle) for h in self.models.values()):
+            raise RuntimeError(f"the ingress has no model handles: {self.models!r}")
+
     async def generate(self, model: str, jobs: list[GenerationJob], hints: PolicyHints | None = None
                        ) -> list[GenerationResult]:
         """One request's images, through the policy: admitted once for all its jobs (a v2 request is a job
         per image), `auto` resolved to the model and settings the policy chose, the jobs run concurrently.
         Each result carries the policy's account of the choice. Raises APIError (429 + Retry-After when
         nothing can meet the deadline, the model call's errors otherwise)."""
+        if (left := client_timeout_s()) is not None:  # the client's timeout is the deadline if tighter
+            jobs = [dataclasses.replace(j, timeout_s=min(j.timeout_s or left, left)) for j in jobs]
         if self.admission is None:
             if model == AUTO:
                 raise APIError(400, "model 'auto' needs the policy, which this application runs without "
@@ -106,6 +145,8 @@ class Ingress(GRPCInferenceService):  # gRPC: Serve's proxy calls the method nam
         while the deadline leaves time. Serve's router drops the dead replica from its choices at once."""
         note_model(model)  # the request's model label
         timeout = getattr(job, "timeout_s", None) or self.timeout_s
+        if (left := client_timeout_s()) is not None:
+            timeout = min(timeout, left)
         deadline = time.monotonic() + timeout
         for attempt in range(1 + MAX_REPLICA_RETRIES):
             try:
@@ -122,7 +163,10 @@ class Ingress(GRPCInferenceService):  # gRPC: Serve's proxy calls the method nam
     async def _call_replica(self, model: str, job: GenerationJob | InterpolationJob | ImagesJob, method: str,
                             remaining_s: float, timeout_s: float) -> Any:
         """One attempt: the model's errors mapped to API errors, but a lost replica raised as Ray's own error
-        for _call_model to retry."""
+        for _call_model to retry. A generation carries what is left of its deadline (every request has one),
+        so the replica drops it from the step batch when the ingress stops waiting for it."""
+        if isinstance(job, GenerationJob):
+            job = dataclasses.replace(job, timeout_s=max(remaining_s, 0.001))
         response = getattr(self.models[model], method).remote(job)
         try:
             return await asyncio.wait_for(response, max(remaining_s, 0.001))  # a DeploymentResponse is awaitable
@@ -132,21 +176,24 @@ class Ingress(GRPCInferenceService):  # gRPC: Serve's proxy calls the method nam
         except TimeoutError:
             response.cancel()  # the job leaves the model's queue (or the engine's batch) too
             raise APIError(504, f"{model} did not answer within {timeout_s * 1000:.0f} ms", code="deadline_exceeded") from None
-        except BackPressureError:
-            raise APIError(503, f"{model} is at capacity; retry shortly", code="overloaded") from None
+        except BackPressureError:  # Serve's queue in front of the model (max_queued_requests) is full
+            raise APIError(503, f"{model} is at capacity; retry shortly", code="overloaded",
+                           retry_after_s=RETRY_OVERLOADED_S) from None
         except RequestCancelledError:
             raise APIError(503, f"the request to {model} was cancelled", code="request_cancelled") from None
         except Exception as exc:
             cause = getattr(exc, "cause", None) or exc  # a RayTaskError carries the replica's exception
             if isinstance(cause, (ActorDiedError, ActorUnavailableError)):
                 raise cause from None
-            for error, (status, code) in _REQUEST_ERRORS.items():
+            for error, (status, code, retry_after_s) in _REQUEST_ERRORS.items():
                 if isinstance(cause, error):
-                    raise APIError(status, str(cause), code=code) from None
+                    raise APIError(status, str(cause), code=code, retry_after_s=retry_after_s) from None
             if isinstance(cause, ValueError):  # a check the deployment makes (the API checks first)
                 raise APIError(400, str(cause)) from None
+            # the details (which may name files or hosts) go to the log, not to the client
             logger.exception("genserve ingress: %s failed", model)
-            raise APIError(500, f"{model} failed: {type(cause).__name__}: {cause}", code="model_error") from None
+            raise APIError(500, f"{model} failed ({type(cause).__name__}); the server log has the details",
+                           code="model_error") from None
 
 
 async def _all(calls) -> list:

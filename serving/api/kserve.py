@@ -35,8 +35,9 @@ from core.checks import is_int
 from core.contracts import IMAGE_SHAPE
 from serving.api.errors import invalid, model_not_found
 from serving.api.jobs import GenerationJob, ModelInfo, PolicyHints
-from serving.api.validation import (AUTO, MAX_N, POLICY_HINTS, SAMPLING_EXTRAS, check_class_id, check_seed,
-                                    policy_hints, resolve_model, sampling_options)
+from serving.api.validation import (AUTO, MAX_N, MAX_TIMEOUT_US, POLICY_HINTS, SAMPLING_EXTRAS, check_class_id,
+                                    check_seed, policy_hints, resolve_model, sampling_options)
+from serving.errors import ModelUnavailable
 
 SERVER_NAME = "genserve"
 PLATFORM = "genserve"        # a v2 model here is a genserve sampling path, not one graph
@@ -66,7 +67,7 @@ _BYTES = {"INT64": 8}        # bytes per element of the input datatypes
 def decode_input(name: Any, datatype: Any, shape: Any, data: Any) -> tuple[str, list[int]]:
     """One input tensor, as (name, flat values). `data` is raw little-endian bytes (HTTP's binary extension,
     gRPC's raw_input_contents) or a list of numbers, possibly nested (JSON `data`, gRPC typed contents)."""
-    spec = INPUTS.get(name)
+    spec = INPUTS.get(name) if isinstance(name, str) else None
     if spec is None:
         raise invalid(None, f"unknown input {name!r}; inputs: {_tensor_list(INPUTS)}")
     if datatype != spec.datatype:
@@ -114,7 +115,7 @@ def parse_infer(name: str, version: str, request_id: str, inputs: list[tuple[str
     if CLASS_ID not in tensors:
         raise invalid(None, f"input {CLASS_ID!r} is required; inputs: {_tensor_list(INPUTS)}")
     for output in outputs:
-        if output not in OUTPUTS:
+        if not isinstance(output, str) or output not in OUTPUTS:
             raise invalid(None, f"unknown output {output!r}; outputs: {_tensor_list(OUTPUTS)}")
     if unknown := sorted(set(parameters) - set(PARAMETERS)):
         raise invalid(None, f"unknown parameter {unknown[0]!r}; parameters: {', '.join(PARAMETERS)}")
@@ -129,8 +130,9 @@ def parse_infer(name: str, version: str, request_id: str, inputs: list[tuple[str
                             f"got {len(seeds)} for {len(class_ids)}")
     options = sampling_options(parameters, model, families.get(model))
     timeout_us = parameters.get("timeout")
-    if timeout_us is not None and (not is_int(timeout_us) or timeout_us < 0):
-        raise invalid(None, f"timeout (microseconds, 0 = none) must be an integer >= 0, got {timeout_us!r}")
+    if timeout_us is not None and (not is_int(timeout_us) or not 0 <= timeout_us <= MAX_TIMEOUT_US):
+        raise invalid(None, f"timeout (microseconds, 0 = none) must be an integer in [0, {MAX_TIMEOUT_US}], "
+                            f"got {timeout_us!r}")
     if timeout_us:
         options["timeout_s"] = min(timeout_us / 1e6, options["timeout_s"] or math.inf)
     hints = policy_hints(parameters)  # its messages name the parameter, as v2's {"error": message} needs
@@ -183,12 +185,26 @@ class OpenInference:
         return {"name": SERVER_NAME, "version": package_version("genserve"), "extensions": list(EXTENSIONS)}
 
     async def server_ready(self) -> bool:
-        try:
-            await asyncio.wait_for(asyncio.gather(*(h.info.remote() for h in self.ingress.models.values())),
-                                   READY_TIMEOUT_S)
-            return True
-        except Exception:  # a replica that is starting, failing or gone: not ready, and not an error
-            return False
+        return not await self.not_ready()
+
+    async def not_ready(self) -> dict[str, str]:
+        """Every served model that is not ready, and why: its replica failed to load it (ModelUnavailable's
+        reason: a tampered artifact, say), or did not answer info() within READY_TIMEOUT_S (starting,
+        failing or gone). Empty: the server is ready."""
+        async def why(handle) -> str | None:
+            try:
+                await asyncio.wait_for(handle.info.remote(), READY_TIMEOUT_S)
+                return None
+            except ModelUnavailable as exc:  # Ray's RayTaskError is also the replica's exception's class
+                return str(getattr(exc, "cause", None) or exc)
+            except TimeoutError:
+                return f"its replica did not answer within {READY_TIMEOUT_S:g} s"
+            except Exception as exc:  # a replica that is starting, failing or gone: not ready, and not an error
+                return f"its replica did not answer ({type(exc).__name__})"
+
+        names = list(self.ingress.models)
+        reasons = await asyncio.gather(*(why(self.ingress.models[n]) for n in names))
+        return {name: reason for name, reason in zip(names, reasons) if reason is not None}
 
     async def model_ready(self, name: str, version: str) -> bool:
         model = self._model(name)

@@ -40,8 +40,12 @@ async def live() -> JSONResponse:
 
 @router.get("/health/ready")
 async def ready(ingress=Depends(current_ingress)) -> JSONResponse:
-    is_ready = await ingress.v2.server_ready()
-    return JSONResponse({"ready": is_ready}, status_code=200 if is_ready else 503)
+    """200 {"ready": true}, or 503 naming each model that is not ready and why ("not_ready": {model: reason}):
+    one model failing to load leaves the others serving, and this says which."""
+    not_ready = await ingress.v2.not_ready()
+    if not_ready:
+        return JSONResponse({"ready": False, "not_ready": not_ready}, status_code=503)
+    return JSONResponse({"ready": True})
 
 
 @router.get("/models/stats")
@@ -87,10 +91,12 @@ async def infer(model: str, request: Request, version: str = "", ingress=Depends
     binary_default = _flag(parameters.pop("binary_data_output", False), "binary_data_output")
     inputs = _inputs(_list(body.get("inputs"), "inputs"), binary)
     outputs = [_object(o, "each output") for o in _list(body.get("outputs", []), "outputs")]
-    binary_out = {o.get("name"): _flag(_parameters(o, {"binary_data"}).get("binary_data", binary_default),
-                                       "binary_data") for o in outputs}
-    req = parse_infer(model, version, str(body.get("id", "")), inputs, parameters, list(binary_out),
-                      ingress.families)
+    binary_out = {_name(o, "each output"): _flag(_parameters(o, {"binary_data"}).get("binary_data", binary_default),
+                                                 "binary_data") for o in outputs}
+    request_id = body.get("id", "")
+    if not isinstance(request_id, str):
+        raise invalid(None, f"id must be a string, got {request_id!r}")
+    req = parse_infer(model, version, request_id, inputs, parameters, list(binary_out), ingress.families)
     # no outputs named: every output (there is one), in the request's default encoding
     return _response(await ingress.v2.infer(req), binary_out or dict.fromkeys(OUTPUTS, binary_default))
 
@@ -99,7 +105,8 @@ def _split_body(raw: bytes, header_length: str | None) -> tuple[object, bytes]:
     """The JSON part (decoded) and the binary tensors after it."""
     if header_length is None:
         return decode_json(raw), b""
-    if not header_length.isdigit() or int(header_length) > len(raw):
+    if not (header_length.isascii() and header_length.isdigit() and len(header_length) <= 12) \
+            or int(header_length) > len(raw):
         raise invalid(None, f"{HEADER_LENGTH} must be the length of the JSON part of the body (at most {len(raw)}), "
                             f"got {header_length!r}")
     n = int(header_length)
@@ -148,6 +155,13 @@ def _parameters(tensor: dict, known: set[str]) -> dict:
         raise invalid(None, f"{tensor.get('name')!r}: unsupported parameter {unknown[0]!r}; tensors take "
                             f"{', '.join(sorted(known))}")
     return parameters
+
+
+def _name(tensor: dict, what: str) -> str:
+    name = tensor.get("name")
+    if not isinstance(name, str):
+        raise invalid(None, f"{what} needs a name (a string), got {name!r}")
+    return name
 
 
 def _flag(value: object, what: str) -> bool:

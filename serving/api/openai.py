@@ -56,7 +56,8 @@ def parse_image_request(body: Any, families: dict[str, str]) -> ImageRequest:
     n = check_n(1 if n is None else n)
 
     factor = _parse_size(body.get("size"))
-    response_format = body.get("response_format") or "b64_json"
+    response_format = body.get("response_format")
+    response_format = "b64_json" if response_format is None else response_format
     if response_format == "url":
         raise invalid("response_format", "response_format 'url' is not supported: genserve returns images inline; "
                                          "use 'b64_json'", "unsupported_value")
@@ -80,8 +81,10 @@ def _parse_size(size: Any) -> int:
         return 1
     if isinstance(size, str):
         w, sep, h = size.partition("x")
-        if sep and w.isdigit() and w == h and int(w) % SIDE == 0 and 1 <= int(w) // SIDE <= MAX_UPSCALE:
-            return int(w) // SIDE
+        # ASCII digits only: str.isdigit takes '²', which int() refuses
+        if sep and w == h and len(w) <= 4 and w.isascii() and w.isdigit():
+            if int(w) % SIDE == 0 and 1 <= int(w) // SIDE <= MAX_UPSCALE:
+                return int(w) // SIDE
     raise invalid("size", f"size must be '{SIDE}x{SIDE}' or an integer multiple of it such as "
                           f"'{2 * SIDE}x{2 * SIDE}' (at most {MAX_UPSCALE * SIDE}x{MAX_UPSCALE * SIDE}), got {size!r}")
 

@@ -42,8 +42,9 @@ def decode_png(data: bytes, shape: tuple[int, int] | None = None, max_pixels: in
     """PNG bytes -> uint8 [H, W], for 8-bit grayscale only (bit depth 8, color type 0): what clients upload.
     The size in the header must be `shape` (H, W) when given, and at most `max_pixels`, before anything is
     decompressed: a small upload cannot inflate into a large one (Pillow's own guard, Image.MAX_IMAGE_PIXELS,
-    is process-wide and ~90 million pixels). Every chunk's CRC is checked. Raises ValueError saying what is
-    wrong."""
+    is process-wide and ~90 million pixels), and decoding stops at the image's last pixel, however much more
+    the image data would inflate to. Every chunk's CRC is checked (but IEND's, which covers no data). Raises
+    ValueError saying what is wrong."""
     if data[:8] != _SIGNATURE:
         raise ValueError("not a PNG (the PNG signature is missing)")
     if len(data) < 33 or data[12:16] != b"IHDR":

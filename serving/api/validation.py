@@ -3,17 +3,24 @@ and the families' own operations (family_ops.py) — and the limits they check a
 document (openapi.py) reads for its schemas' bounds, so the two cannot drift apart.
 
 Each check returns what it accepts or raises a 400 APIError (serving.api.errors) whose `param` and
-message name the field and the value; an unknown model is a 404. No Ray, no runtime, no torch."""
+message name the field and the value; an unknown model is a 404. No Ray, no runtime, no torch.
+
+The limits below are the whole list a client meets at the edge (docs/limits.md tabulates them, and a test
+checks the table against these constants); the HTTP request's own limits are enforced by
+serving/api/http.py."""
 from __future__ import annotations
 
 import base64
 import binascii
+import math
+import os
+import re
 from collections.abc import Collection, Iterable
 from typing import Any
 
 import numpy as np
 
-from core.checks import is_int, is_number
+from core.checks import is_int
 from core.contracts import IMAGE_SHAPE, NULL_CLASS, NUM_TRAIN_TIMESTEPS
 from core.settings import SAMPLER_NAMES, SamplingSetting
 from serving.api.classes import CLASS_NAMES, class_from_prompt, class_list
@@ -30,11 +37,24 @@ MAX_SEED_TEXT = "2**64 - 1"       # MAX_SEED as messages write it
 MAX_STEPS = NUM_TRAIN_TIMESTEPS   # a sampler cannot take more steps than the model has timesteps
 MAX_CLASS_ID = NULL_CLASS         # class ids 0..9, and 10 = no class (the unconditional model)
 MAX_PROMPT_CHARS = 1000           # OpenAI's own limit for dall-e-2; a class name takes a few words
+MAX_GUIDANCE_SCALE = 20.0         # classifier-free guidance: the manifests' settings use 2; past ~10 it only saturates
+MAX_LATENCY_SLO_MS = 600_000      # 10 minutes: far beyond any generation here (the ingress gives up after 120 s)
+MAX_TIMEOUT_US = MAX_LATENCY_SLO_MS * 1000   # KServe v2's `timeout` parameter (Triton's, in microseconds)
 SIDE = IMAGE_SHAPE[-1]            # every image is SIDE x SIDE, 8-bit grayscale
 MAX_PIXEL = 255
 MAX_UPSCALE = 16                  # generated sizes up to 448x448
 MAX_IMAGES = 64                   # images per reconstruction / likelihood request: one forward at batch 64
+MAX_PNG_BYTES = 64 * 1024         # one uploaded PNG; a 28x28 8-bit one is under 1 KB even stored uncompressed
 MIN_FRAMES, MAX_FRAMES, DEFAULT_FRAMES = 2, 32, 8   # interpolation frames, both ends included
+# The HTTP body (every route; GENSERVE_MAX_BODY_BYTES overrides it): the largest valid request, 64 images as
+# JSON rows of pixels, takes ~250 KB
+MAX_BODY_BYTES = 1 << 20
+MAX_BODY_BYTES_ENV = "GENSERVE_MAX_BODY_BYTES"
+MAX_JSON_DEPTH = 32               # nesting of a JSON body; the deepest valid request (images as rows) goes 5 deep
+# What Serve's HTTP proxy lets through unbounded (uvicorn with httptools): the request's headers, all together
+# (nginx's default buffers hold 32 KB), and its path and query
+MAX_HEADER_BYTES = 32 * 1024
+MAX_URL_BYTES = 8 * 1024
 
 # ---- vocabularies --------------------------------------------------------------------------------------------
 SAMPLERS = SAMPLER_NAMES          # the engine re-checks against core.samplers' registry
@@ -47,6 +67,25 @@ OPENAI_QUALITY = {"low": "draft", "medium": "standard", "standard": "standard", 
 QUALITY_VALUES = tuple(dict.fromkeys((*TIERS, *OPENAI_QUALITY)))   # what `quality` may be
 POLICY_HINTS = ("quality", "goal", "best_effort", "max_fd", "min_class_accuracy")
 _DATA_URL = "data:image/png;base64,"
+CONTROL_CHARS = r"\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f"   # a prompt's refused: C0 and C1 controls but tab, LF, CR
+_CONTROL = re.compile(f"[{CONTROL_CHARS}]")
+
+
+def max_body_bytes() -> int:
+    """The body limit: GENSERVE_MAX_BODY_BYTES (a positive integer) if set, else MAX_BODY_BYTES. Raises
+    ValueError for a bad setting, so that a replica fails to start rather than run unguarded."""
+    value = os.environ.get(MAX_BODY_BYTES_ENV)
+    if value is None:
+        return MAX_BODY_BYTES
+    if not (value.isascii() and value.isdigit() and int(value) > 0):
+        raise ValueError(f"{MAX_BODY_BYTES_ENV} must be a positive integer (bytes), got {value!r}")
+    return int(value)
+
+
+def is_real(value: Any) -> bool:
+    """A finite number, not a bool. An int of any size counts (JSON's are unbounded): core.checks.is_number
+    converts ints to float, which overflows past 1e308."""
+    return is_int(value) or (isinstance(value, float) and math.isfinite(value))
 
 
 def check_body(body: Any, known: Iterable[str], shown: Iterable[str] | None = None) -> dict[str, Any]:
@@ -121,11 +160,16 @@ def sampling_options(values: dict[str, Any], model: str, family: str | None) -> 
         raise invalid("sampler", f"sampler must be one of {', '.join(SAMPLERS)}, got {sampler!r}")
     if steps is not None and (not is_int(steps) or not 1 <= steps <= MAX_STEPS):
         raise invalid("steps", f"steps must be an integer in [1, {MAX_STEPS}], got {steps!r}")
-    if guidance is not None and (not is_number(guidance) or guidance < 0):
+    if guidance is not None and (not is_real(guidance) or guidance < 0):
         raise invalid("guidance_scale", f"guidance_scale must be a finite number >= 0, got {guidance!r}")
+    if guidance is not None and guidance > MAX_GUIDANCE_SCALE:
+        raise invalid("guidance_scale", f"guidance_scale must be at most {MAX_GUIDANCE_SCALE:g}, got {guidance!r}")
     slo = values.get("latency_slo_ms")
-    if slo is not None and (not is_number(slo) or slo <= 0):
+    if slo is not None and (not is_real(slo) or slo <= 0):
         raise invalid("latency_slo_ms", f"latency_slo_ms must be a number > 0, got {slo!r}")
+    if slo is not None and slo > MAX_LATENCY_SLO_MS:
+        raise invalid("latency_slo_ms", f"latency_slo_ms must be at most {MAX_LATENCY_SLO_MS} (10 minutes), "
+                                        f"got {slo!r}")
     return {"setting": SamplingSetting(sampler, steps, None if guidance is None else float(guidance)),
             "timeout_s": None if slo is None else slo / 1000}
 
@@ -137,16 +181,17 @@ def policy_hints(values: dict[str, Any]) -> PolicyHints:
     if tier is not None and tier not in TIERS:
         raise invalid("quality", f"quality must be one of {', '.join(TIERS)} (or OpenAI's "
                                  f"{', '.join(OPENAI_QUALITY)}), got {quality!r}")
-    goal = values.get("goal") or "sample"
+    goal = values.get("goal")
+    goal = "sample" if goal is None else goal
     if goal not in GOALS:
         raise invalid("goal", f"goal must be one of {', '.join(GOALS)}, got {goal!r}")
     best_effort = values.get("best_effort", False)
     if not isinstance(best_effort, bool):
         raise invalid("best_effort", f"best_effort must be true or false, got {best_effort!r}")
     max_fd, min_acc = values.get("max_fd"), values.get("min_class_accuracy")
-    if max_fd is not None and (not is_number(max_fd) or max_fd <= 0):
+    if max_fd is not None and (not is_real(max_fd) or max_fd <= 0):
         raise invalid("max_fd", f"max_fd must be a number > 0, got {max_fd!r}")
-    if min_acc is not None and (not is_number(min_acc) or not 0 <= min_acc <= 1):
+    if min_acc is not None and (not is_real(min_acc) or not 0 <= min_acc <= 1):
         raise invalid("min_class_accuracy", f"min_class_accuracy must be a number in [0, 1], got {min_acc!r}")
     return PolicyHints(tier, max_fd, min_acc, goal, best_effort)
 
@@ -172,6 +217,9 @@ def class_of(prompt: Any, class_id: Any) -> int:
         raise invalid("prompt", f"prompt must be a string, got {prompt!r}")
     if prompt is not None and len(prompt) > MAX_PROMPT_CHARS:
         raise invalid("prompt", f"prompt must be at most {MAX_PROMPT_CHARS} characters, got {len(prompt)}")
+    if prompt is not None and (found := _CONTROL.search(prompt)):
+        raise invalid("prompt", f"prompt must not contain control characters, got {found.group()!r} at "
+                                f"{found.start()}")
     if class_id is not None:
         check_class_id(class_id)
     try:
@@ -206,6 +254,9 @@ def check_image(value: Any, param: str) -> np.ndarray:
     0..255 -> uint8 [SIDE, SIDE]."""
     if isinstance(value, str):
         text = value[len(_DATA_URL):] if value.startswith(_DATA_URL) else value
+        if len(text) > 4 * math.ceil(MAX_PNG_BYTES / 3):  # base64's size, checked before decoding
+            raise invalid(param, f"{param}: the PNG must be at most {MAX_PNG_BYTES} bytes, got about "
+                                 f"{len(text) * 3 // 4}")
         try:
             data = base64.b64decode(text, validate=True)
         except (binascii.Error, ValueError):

@@ -1,47 +1,86 @@
 """The iterative deployment (diffusion, pixelcnn): one replica serves one model version through the
 step-batched engine beside it (serving.engine); every request is `await engine.submit(request)`, and joins
 and leaves the running batch at step boundaries. The engine (and torch, for the sampler maths) lives in
-this replica only; the ingress never imports it."""
+this replica only; the ingress never imports it.
+
+A replica whose model fails to load stays up and answers every call with ModelUnavailable (serving.errors
+says why); check_health is Serve's liveness probe: a batch-1 forward on the session, and the engine loop
+alive."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from dataclasses import asdict
 
 import numpy as np
 from ray import serve
 
+from core.contracts import sample_inputs
 from core.settings import DPMPP_2M, SamplingSetting
 from serving.api.jobs import GenerationJob, GenerationResult, ImagesJob, LikelihoodResult, ModelInfo, ReplicaLoad
 from serving.config import ITERATIVE_GRAPH, IterativeConfig
 from serving.engine import (AsyncEngine, DiffusionRequest, DiffusionStepper, EngineCore, EngineMetrics, OnnxRunner,
                             PixelCNNRequest, PixelCNNStepper)
 from serving.engine.autoscaling import ROW_DEMAND
+from serving.errors import ModelUnavailable, unless_unavailable
+from serving.observability import report_model_ready
 from serving.observability.engine import StepTiming, export_engine_metrics
 from serving.operations import pixelcnn_bits_per_dim
 from serving.runtime import load_model, node_address, replica_cpus, threads_for
 
+logger = logging.getLogger("ray.serve")
 
-@serve.deployment(ray_actor_options={"num_cpus": 1}, user_config=asdict(IterativeConfig()), max_ongoing_requests=256)
+
+@serve.deployment(ray_actor_options={"num_cpus": 1}, user_config=asdict(IterativeConfig()),
+                  max_ongoing_requests=384, max_queued_requests=64)  # as deploy/serve_config.yaml says, and why
 class IterativeDeployment:
     def __init__(self, store: str | None, ref: str):
         """Runs once per replica: load ref from the store (hashes verified), open its step graph, and start
-        an engine over it (the loop itself starts with the first request)."""
-        self.model = load_model(store, ref, ITERATIVE_GRAPH, threads=threads_for(replica_cpus()))
+        an engine over it (the loop itself starts with the first request). If the load fails, the replica
+        comes up anyway, without a model: every call answers ModelUnavailable (load_error) with the reason."""
+        self.node = node_address()
+        self.config = IterativeConfig()
+        self._loop: asyncio.Task | None = None
+        self._export: asyncio.Future | None = None  # the metrics reporters, for the replica's life
+        self.load_error: ModelUnavailable | None = None
+        try:
+            self.model = load_model(store, ref, ITERATIVE_GRAPH, threads=threads_for(replica_cpus()))
+        except Exception as exc:
+            self.load_error = ModelUnavailable.of(ref.partition("@")[0], exc)
+            logger.exception("genserve: %s failed to load; serving no requests for it", ref)
+            return
         runner = OnnxRunner(self.model.graph.session, self.model.graph.contract)
         stepper = DiffusionStepper(runner) if self.model.family == "diffusion" else PixelCNNStepper(runner)
-        self.node = node_address()
         self.timing = StepTiming(stepper, self.model.name)  # each request's queue vs compute time
-        self.config = IterativeConfig()
-        self.engine = AsyncEngine(EngineCore(self.timing, max_rows=self.config.max_batch_rows))
-        self._loop: asyncio.Task | None = None
-        self._export: asyncio.Task | None = None
+        self.engine = AsyncEngine(EngineCore(self.timing, max_rows=self.config.max_batch_rows,
+                                             max_waiting_rows=self.config.max_waiting_rows))
+        self._probe = sample_inputs(self.model.graph.contract, 1, np.random.default_rng(0))  # check_health's
 
     async def reconfigure(self, user_config: dict) -> None:
         self.config = IterativeConfig.from_dict(user_config)
-        self.engine.core.set_max_rows(self.config.max_batch_rows)
-        if self._export is None:  # Serve runs reconfigure at replica start (user_config is always set)
-            self._export = asyncio.create_task(export_engine_metrics(self.model.name, self.engine.core.metrics))
+        if self._export is not None:
+            self.engine.core.set_limits(self.config.max_batch_rows, self.config.max_waiting_rows)
+            return
+        # Serve runs reconfigure at replica start (user_config is always set): start reporting
+        if self.load_error is not None:
+            self._export = asyncio.create_task(report_model_ready(self.load_error.model, False))
+            return
+        self.engine.core.set_limits(self.config.max_batch_rows, self.config.max_waiting_rows)
+        self._export = asyncio.gather(export_engine_metrics(self.model.name, self.engine.core.metrics),
+                                      report_model_ready(self.model.name, True))
+
+    async def check_health(self) -> None:
+        """Serve's liveness probe (every health_check_period_s): raises, and Serve replaces the replica, if the
+        session no longer answers a batch-1 forward (beside the engine's thread: ONNX Runtime sessions take
+        concurrent runs) or the engine loop died. A replica without a model passes: a restart cannot mend a
+        tampered artifact, it would only fail again in a loop; it reports itself instead (ModelUnavailable
+        from every call, genserve_model_ready 0)."""
+        if self.load_error is not None:
+            return
+        if self._loop is not None and self._loop.done() and not self._loop.cancelled() and self._loop.exception():
+            raise RuntimeError(f"the engine loop died: {self._loop.exception()!r}")
+        await asyncio.to_thread(self.model.graph.run, self._probe)
 
     def _request(self, job: GenerationJob) -> tuple[DiffusionRequest | PixelCNNRequest, SamplingSetting]:
         """The engine request for a job, and the setting it runs at in full: the job's over the manifest's
@@ -64,6 +103,7 @@ class IterativeDeployment:
             self._loop = asyncio.get_running_loop().create_task(self.engine.run())
         return await self.timing.submit(self.engine, request)
 
+    @unless_unavailable
     async def generate(self, job: GenerationJob) -> GenerationResult:
         start = time.perf_counter()
         request, settings = self._request(job)
@@ -71,6 +111,7 @@ class IterativeDeployment:
         return GenerationResult(images.numpy()[:, 0], self.model.name, self.model.version, self.model.family,
                                 (time.perf_counter() - start) * 1000, settings, node=self.node)
 
+    @unless_unavailable
     async def log_likelihood(self, job: ImagesJob) -> LikelihoodResult:
         """pixelcnn: exact bits/dim of each image from ONE teacher-forced forward of the logits graph (the
         whole image in, every pixel's distribution out), beside the engine rather than through its step
@@ -88,12 +129,17 @@ class IterativeDeployment:
         return LikelihoodResult(np.concatenate(bits), self.model.name, self.model.version, self.model.family,
                                 (time.perf_counter() - start) * 1000)
 
+    @unless_unavailable
     async def info(self) -> ModelInfo:
         return ModelInfo.describe(self.model.manifest, path="iterative", provider=self.model.providers.providers[0],
                                   threads=self.model.threads, settings=asdict(self.config))
 
-    async def stats(self) -> ReplicaLoad:
-        """The engine's live load, for the ingress's admission (a few times a second)."""
+    async def stats(self) -> ReplicaLoad | ModelUnavailable:
+        """The engine's live load, for the ingress's admission (a few times a second). A replica without a
+        model answers why (returned, not raised: it is asked 5 times a second, and the answer is news only to
+        readiness)."""
+        if self.load_error is not None:
+            return self.load_error
         m = self.engine.core.metrics
         return ReplicaLoad(running_units=m.rows, running_requests=m.running, running_steps=m.steps_in_flight,
                            queued_units=m.rows_queued, queued_requests=m.queue_length, queued_steps=m.steps_queued,
@@ -102,9 +148,12 @@ class IterativeDeployment:
     def record_autoscaling_stats(self) -> dict[str, float]:
         """Serve's custom autoscaling metric (serving.engine.autoscaling): rows running and queued, in row
         budgets. Serve polls it every metrics_interval_s."""
+        if self.load_error is not None:
+            return {ROW_DEMAND: 0.0}
         m = self.engine.core.metrics
         return {ROW_DEMAND: (m.rows + m.rows_queued) / max(1, self.config.max_batch_rows)}
 
+    @unless_unavailable
     async def metrics(self) -> EngineMetrics:
         """The engine's gauges and counters (serving.engine.metrics), for tests and benchmarks."""
         return self.engine.core.metrics

@@ -21,6 +21,7 @@ from serving.engine.metrics import EngineMetrics
 from serving.engine.request import (DeadlineExceeded, Request, RequestCancelled, RequestFailed, RequestOutput,
                                     RequestState, Status, make_state)
 from serving.engine.scheduler import Scheduler, StepPlan
+from serving.errors import EngineOverloaded
 
 DEFAULT_MAX_ROWS = 64  # rows per forward; the replica's config sets it from the latency profile
 
@@ -45,24 +46,29 @@ class EngineCore:
     """add_request / abort_request from any thread at any time; step() from one thread in a loop.
     A lock guards the scheduler's bookkeeping, never the forward, so adding never waits for a step."""
 
-    def __init__(self, stepper: Stepper, *, max_rows: int = DEFAULT_MAX_ROWS,
+    def __init__(self, stepper: Stepper, *, max_rows: int = DEFAULT_MAX_ROWS, max_waiting_rows: int | None = None,
                  clock: Callable[[], float] = time.monotonic):
         self.stepper = stepper
         self.clock = clock  # deadlines are on this clock; tests pass a fake one
-        self.scheduler = Scheduler(max_rows)
+        self.scheduler = Scheduler(max_rows, max_waiting_rows)
         self.metrics = EngineMetrics(max_rows=max_rows)
         self._lock = threading.Lock()
         self._next_id = 0
 
     def add_request(self, request: Request, request_id: str | None = None) -> str:
         """Queue a validated request; it joins the batch at the next step with room. Returns its id.
-        Raises ValueError for a duplicate id or a request wider than max_rows."""
+        Raises ValueError for a duplicate id or a request wider than max_rows, EngineOverloaded when the
+        waiting queue is at max_waiting_rows."""
         with self._lock:
             if request_id is None:
                 request_id, self._next_id = f"req-{self._next_id}", self._next_id + 1
         state = make_state(request_id, request, self.clock())  # draws x_T: outside the lock
         with self._lock:
-            self.scheduler.add(state)
+            try:
+                self.scheduler.add(state)
+            except EngineOverloaded:
+                self.metrics.refused += 1
+                raise
             self.metrics.added += 1
         return request_id
 
@@ -75,10 +81,12 @@ class EngineCore:
         with self._lock:
             return bool(self.scheduler.running or self.scheduler.waiting)
 
-    def set_max_rows(self, max_rows: int) -> None:
-        """Live reconfigure: the new budget applies from the next admission."""
+    def set_limits(self, max_rows: int, max_waiting_rows: int | None) -> None:
+        """Live reconfigure: the new budget applies from the next admission, the new queue bound from the
+        next request added."""
         with self._lock:
             self.scheduler.max_rows = max_rows
+            self.scheduler.max_waiting_rows = max_waiting_rows
 
     def step(self) -> list[RequestOutput]:
         """One engine iteration. Returns the requests that ended during it: dropped before the forward

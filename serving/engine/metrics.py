@@ -30,6 +30,7 @@ class EngineMetrics:
     steps: int = 0
     row_steps: int = 0
     added: int = 0
+    refused: int = 0                    # turned away: the waiting queue was at max_waiting_rows
     finished: int = 0
     cancelled: int = 0
     expired: int = 0

@@ -11,6 +11,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from serving.engine.state import RequestState, Status
+from serving.errors import EngineOverloaded
 
 
 @dataclass
@@ -29,8 +30,9 @@ class Scheduler:
     """FCFS with a row budget. A request takes `state.rows` rows for its whole life (n, or 2n when
     guided), so the batch size of every forward is known at admission."""
 
-    def __init__(self, max_rows: int):
+    def __init__(self, max_rows: int, max_waiting_rows: int | None = None):
         self.max_rows = max_rows
+        self.max_waiting_rows = max_waiting_rows      # None: the waiting queue is unbounded
         self.waiting: deque[RequestState] = deque()   # arrival order
         self.running: list[RequestState] = []         # admission order = batch order
         self.requests: dict[str, RequestState] = {}   # request_id -> state, until it leaves
@@ -46,13 +48,30 @@ class Scheduler:
             raise ValueError(f"max_rows must be an integer >= 1, got {value!r}")
         self._max_rows = value
 
+    @property
+    def max_waiting_rows(self) -> int | None:
+        return self._max_waiting_rows
+
+    @max_waiting_rows.setter
+    def max_waiting_rows(self, value: int | None) -> None:
+        """Changeable live too; a lower bound refuses new requests only, those already waiting stay."""
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ValueError(f"max_waiting_rows must be an integer >= 1 or None, got {value!r}")
+        self._max_waiting_rows = value
+
     def add(self, state: RequestState) -> None:
-        """Runs when a request arrives: queue it; it joins at the next step with room."""
+        """Runs when a request arrives: queue it; it joins at the next step with room. Raises EngineOverloaded
+        when the rows already waiting leave no room for it under max_waiting_rows (an empty queue always takes
+        one request, so a bound below a request's rows slows it, never starves it)."""
         if state.request_id in self.requests:
             raise ValueError(f"request id {state.request_id!r} is already in the engine")
         if state.rows > self.max_rows:
             raise ValueError(f"request {state.request_id} needs {state.rows} rows per step "
                              f"(n={state.n}, x2 when guided) but max_rows is {self.max_rows}; split it")
+        if self.max_waiting_rows is not None and self.waiting:
+            waiting_rows = sum(s.rows for s in self.waiting)
+            if waiting_rows + state.rows > self.max_waiting_rows:
+                raise EngineOverloaded(state.rows, waiting_rows, self.max_waiting_rows)
         state.status = Status.WAITING
         self.waiting.append(state)
         self.requests[state.request_id] = state

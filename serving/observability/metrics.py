@@ -115,6 +115,10 @@ MODEL_LOAD = MetricSpec(
 VERIFICATION_FAILURES = MetricSpec(
     "genserve_store_verification_failures_total", COUNTER,
     "Model loads refused because a store version failed its hash or manifest checks", ("model",))
+MODEL_READY = MetricSpec(
+    "genserve_model_ready", GAUGE,
+    "Model replicas: 1 while it serves its model, 0 when it failed to load it (a tampered or missing artifact): "
+    "such a replica stays up answering 503, and GET /v2/health/ready names it", ("model",))
 REPLICA_RETRIES = MetricSpec(
     "genserve_replica_retries_total", COUNTER,
     "Model calls sent again to another replica because the one serving them died (its node lost, a crash)",
@@ -122,7 +126,7 @@ REPLICA_RETRIES = MetricSpec(
 
 METRICS = (REQUEST_DURATION, QUEUE_DURATION, COMPUTE_DURATION, IMAGES_SERVED, BATCH_SIZE, ENGINE_OCCUPANCY,
            ENGINE_RUNNING, ENGINE_WAITING, ENGINE_STEP_RATE, ENGINE_STEPS, POLICY_DECISIONS, SLO_REQUESTS,
-           REJECTIONS, MODEL_LOAD, VERIFICATION_FAILURES, REPLICA_RETRIES)
+           REJECTIONS, MODEL_LOAD, VERIFICATION_FAILURES, MODEL_READY, REPLICA_RETRIES)
 
 
 # ---- this process's Ray metric objects -------------------------------------------------------------------
@@ -270,6 +274,16 @@ def record_model_load(model: str, seconds: float) -> None:
 
 def record_verification_failure(model: str) -> None:
     _inc(VERIFICATION_FAILURES, model=model)
+
+
+READY_PERIOD_S = 0.5  # under Ray's export interval (>= 1 s): a gauge lapses after two intervals without a value
+
+
+async def report_model_ready(model: str, ready: bool) -> None:
+    """Runs for a model replica's life as a task on its event loop: whether it loaded its model."""
+    while True:
+        _set(MODEL_READY, 1.0 if ready else 0.0, model=model)
+        await asyncio.sleep(READY_PERIOD_S)
 
 
 def record_retry(model: str) -> None:

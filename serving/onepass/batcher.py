@@ -79,6 +79,15 @@ class ImageBatcher:
         """Images in the forward now running."""
         return self._in_flight_images
 
+    @property
+    def loop_error(self) -> BaseException | None:
+        """The batching loop's exception if it died (a batch's own failure goes to its jobs, so only a bug ends
+        the loop); None while it runs or before it started."""
+        task = self._task
+        if task is None or not task.done() or task.cancelled():
+            return None
+        return task.exception()
+
     def reconfigure(self, config: OnePassConfig) -> None:
         """Live: the next batch formed uses the new settings; the one in flight is not touched."""
         self.config = config

@@ -1,9 +1,14 @@
 """The one-pass deployment (gan, vae, flow): one replica serves one model version, batching images across
 requests (serving.onepass.batcher) into forwards that run on a worker thread, off the event loop; and the
-family's own operations (vae: interpolate, reconstruct; flow: log_likelihood) on the same thread."""
+family's own operations (vae: interpolate, reconstruct; flow: log_likelihood) on the same thread.
+
+A replica whose model fails to load stays up and answers every call with ModelUnavailable (serving.errors
+says why); check_health is Serve's liveness probe: a batch-1 forward on the session, and the batching loop
+alive."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
@@ -12,36 +17,67 @@ from functools import partial
 import numpy as np
 from ray import serve
 
+from core.contracts import sample_inputs
 from core.settings import SamplingSetting
 from serving.api.jobs import (GenerationJob, GenerationResult, ImagesJob, InterpolationJob, LikelihoodResult,
                               ModelInfo, ReconstructionResult, ReplicaLoad)
 from serving.config import ONE_PASS_GRAPH, OnePassConfig
-from serving.observability import record_batch, record_request_times
+from serving.errors import ModelUnavailable, unless_unavailable
+from serving.observability import record_batch, record_request_times, report_model_ready
 from serving.onepass.batcher import BatcherStats, ImageBatcher
 from serving.onepass.inputs import draw_inputs, to_images
 from serving.operations import (FAMILY_OPERATIONS, OPERATION_GRAPHS, dequantize, lerp, reconstruction_mse, slerp,
                                 to_unit)
 from serving.runtime import load_model, node_address, replica_cpus, threads_for
 
+logger = logging.getLogger("ray.serve")
+
 
 @serve.deployment(ray_actor_options={"num_cpus": 1}, user_config=asdict(OnePassConfig()),
-                  max_ongoing_requests=256)  # requests wait in the batcher's queue, which batches them
+                  max_ongoing_requests=256, max_queued_requests=64)  # as deploy/serve_config.yaml says, and why
 class OnePassDeployment:
     def __init__(self, store: str | None, ref: str):
         """Runs once per replica: load ref from the store (hashes verified) and open its sampling graph, and
-        the graphs of its family's operations (vae.encode, flow.log_prob)."""
-        self.model = load_model(store, ref, ONE_PASS_GRAPH, threads=threads_for(replica_cpus()),
-                                extra_graphs=OPERATION_GRAPHS)
-        self.graph = self.model.graph
+        the graphs of its family's operations (vae.encode, flow.log_prob). If that fails, the replica comes
+        up anyway, without a model: every call answers ModelUnavailable (load_error) with the reason."""
+        name = ref.partition("@")[0]
         self.node = node_address()
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix=f"genserve-{name}")
+        self.batcher = ImageBatcher(self._forward, on_job_done=partial(record_request_times, name))
+        self._ready_task: asyncio.Task | None = None
+        self.load_error: ModelUnavailable | None = None
+        try:
+            self.model = load_model(store, ref, ONE_PASS_GRAPH, threads=threads_for(replica_cpus()),
+                                    extra_graphs=OPERATION_GRAPHS)
+        except Exception as exc:
+            self.load_error = ModelUnavailable.of(name, exc)
+            logger.exception("genserve: %s failed to load; serving no requests for it", ref)
+            return
+        self.graph = self.model.graph
         # flow.sample takes z already scaled by the sampling temperature (its contract); gan/vae have none
         self.temperature = float(self.model.manifest.sampling.default.temperature or 1.0)
-        self._executor = ThreadPoolExecutor(1, thread_name_prefix=f"genserve-{self.model.name}")
-        self.batcher = ImageBatcher(self._forward, on_job_done=partial(record_request_times, self.model.name))
+        self._probe = sample_inputs(self.graph.contract, 1, np.random.default_rng(0))  # check_health's forward
 
     async def reconfigure(self, user_config: dict) -> None:
         """Runs at start and on every user_config change (serve deploy / serve.run with a new config)."""
         self.batcher.reconfigure(OnePassConfig.from_dict(user_config))
+        self._report_ready()
+
+    def _report_ready(self) -> None:
+        if self._ready_task is None:  # Serve runs reconfigure at replica start (user_config is always set)
+            name = self.load_error.model if self.load_error else self.model.name
+            self._ready_task = asyncio.create_task(report_model_ready(name, self.load_error is None))
+
+    async def check_health(self) -> None:
+        """Serve's liveness probe (every health_check_period_s): raises, and Serve replaces the replica, if the
+        session no longer answers a batch-1 forward or the batching loop died. A replica without a model
+        passes: a restart cannot mend a tampered artifact, it would only fail again in a loop; it reports
+        itself instead (ModelUnavailable from every call, genserve_model_ready 0)."""
+        if self.load_error is not None:
+            return
+        if (error := self.batcher.loop_error) is not None:
+            raise RuntimeError(f"the batching loop died: {error!r}")
+        await asyncio.get_running_loop().run_in_executor(self._executor, self.graph.run, self._probe)
 
     async def _forward(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
         record_batch(self.model.name, len(next(iter(feeds.values()))))
@@ -51,6 +87,7 @@ class OnePassDeployment:
         """One request's graph outputs: through the image batcher (the request-level baseline overrides this)."""
         return await self.batcher.submit(feeds)
 
+    @unless_unavailable
     async def generate(self, job: GenerationJob) -> GenerationResult:
         start = time.perf_counter()
         feeds = draw_inputs(self.graph.contract, job.class_id, job.n, job.seed, self.temperature)
@@ -61,6 +98,7 @@ class OnePassDeployment:
 
     # ---- the family's own operations: each raises ValueError (HTTP 400) on a family without it ----
 
+    @unless_unavailable
     async def interpolate(self, job: InterpolationJob) -> GenerationResult:
         """vae: job.frames images decoded along the latent path between two seeds' prior draws (slerp; the
         ends are the images those seeds generate with n = 1) or two images' posterior means (lerp)."""
@@ -77,6 +115,7 @@ class OnePassDeployment:
                                 self.model.family, (time.perf_counter() - start) * 1000, SamplingSetting(),
                                 node=self.node, walk=walk)
 
+    @unless_unavailable
     async def reconstruct(self, job: ImagesJob) -> ReconstructionResult:
         """vae: decode(encode(x)) at the posterior mean, and its per-pixel MSE (the anomaly score)."""
         start = time.perf_counter()
@@ -87,6 +126,7 @@ class OnePassDeployment:
                                     self.model.name, self.model.version, self.model.family,
                                     (time.perf_counter() - start) * 1000)
 
+    @unless_unavailable
     async def log_likelihood(self, job: ImagesJob) -> LikelihoodResult:
         """flow: bits/dim of each image from flow.log_prob on the image dequantized with job.seed's noise."""
         start = time.perf_counter()
@@ -115,18 +155,23 @@ class OnePassDeployment:
                   for i in range(0, n, size)]
         return np.concatenate(chunks)
 
+    @unless_unavailable
     async def info(self) -> ModelInfo:
         return ModelInfo.describe(self.model.manifest, path="one-pass", provider=self.model.providers.providers[0],
                                   threads=self.model.threads, settings=asdict(self.batcher.config))
 
-    async def stats(self) -> ReplicaLoad:
+    async def stats(self) -> ReplicaLoad | ModelUnavailable:
         """The batcher's live load, for the ingress's admission (a few times a second): one forward in flight
-        at a time, so a request is one step."""
+        at a time, so a request is one step. A replica without a model answers why (returned, not raised: it
+        is asked 5 times a second, and the answer is news only to readiness)."""
+        if self.load_error is not None:
+            return self.load_error
         running, queued = self.batcher.in_flight_images, self.batcher.queued_images
         return ReplicaLoad(running_units=running, running_requests=int(running > 0), running_steps=float(running > 0),
                            queued_units=queued, queued_requests=int(queued > 0), queued_steps=float(queued > 0),
                            budget=self.batcher.config.max_batch_images)
 
+    @unless_unavailable
     async def metrics(self) -> BatcherStats:
         """The batcher's counters (batches, images, recent batch sizes), for tests and benchmarks."""
         return self.batcher.stats
