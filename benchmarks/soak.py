@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 from ray import serve
 
-from benchmarks.overload import RSSSampler, _free_port, serve_processes
+from benchmarks.overload import RSSSampler, free_port, serve_processes
 from benchmarks.serving import load, serving, write
 from genserve.build import build
 from genserve.launch import load_config
@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> None:
     measure_s = args.minutes * 60
     apps = [soak_app(store.uri), {"name": LEAKY, "route_prefix": "/leaky", "import_path": "benchmarks.soak:leaky_app",
                                   "args": {"store": store.uri}}]
-    with serving(apps, port=_free_port()) as url:
+    with serving(apps, port=free_port()) as url:
         pids = {f"{APP}:{k}": v for k, v in serve_processes(APP).items()}
         pids |= {f"{LEAKY}:{k}": v for k, v in serve_processes(LEAKY).items() if k != "proxy"}
         sampler = RSSSampler(pids, SAMPLE_S).start()

@@ -8,8 +8,6 @@ import sys
 
 from importlib.metadata import version
 
-import torch
-
 
 def _train(args: argparse.Namespace) -> None:
     from families.train import train
@@ -59,12 +57,16 @@ def main(argv: list[str] | None = None) -> int:
         # Die quietly when the reader of our output goes away (`genserve store ls | head`), as Unix tools do.
         signal.signal(signal.SIGPIPE, signal.SIG_DFL)
     if args.threads:
+        import torch  # only here: `genserve up` and `store` start faster without it
+
         torch.set_num_threads(args.threads)
     try:
         args.func(args)
     except (FileNotFoundError, ValueError, RuntimeError) as exc:
         print(f"genserve: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C before a command took charge of it: stop quietly, as Unix tools do
+        return 130
     return 0
 
 

@@ -97,15 +97,20 @@ def start_local_ray(num_cpus: float | None = None, **kwargs: Any) -> None:
         print(f"genserve: port {METRICS_PORT} is taken; Prometheus metrics are on port {port}", file=sys.stderr)
 
 
-def stop_local_ray() -> None:
+def stop_local_ray(*, graceful: bool = False) -> None:
     """Stop Serve and the embedded Ray, and then whatever Ray started that outlived them: Ctrl-C inside
     ray.init can leave its agents orphaned (their raylet killed before it stopped them). Safe to call at any
-    point of start-up, and when Ray never started."""
+    point of start-up, and when Ray never started. graceful: delete the applications first, so that every
+    replica finishes its requests in flight (within its graceful_shutdown_timeout_s; a replica with none stops
+    at once) while the proxies still carry their answers back."""
     import psutil
 
     started = psutil.Process().children(recursive=True)  # raylet, GCS, agents, workers: all descend from us
     try:
         if ray.is_initialized():
+            if graceful:
+                for app in serve.status().applications:
+                    serve.delete(app)
             serve.shutdown()
     finally:
         ray.shutdown()

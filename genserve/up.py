@@ -16,6 +16,7 @@ import argparse
 import os
 import signal
 import socket
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -51,7 +52,12 @@ def run_up(args: argparse.Namespace) -> None:
             _up_alone(args)
     except KeyboardInterrupt:
         pass
-    print("genserve: stopped")
+    print("genserve: stopped", flush=True)
+    if not args.address:
+        # Everything is stopped (stop_local_ray). Skip the interpreter's teardown: Ray's core worker can crash
+        # in it (SIGSEGV) after a ray.init that Ctrl-C cut short, which would turn a clean stop into exit -11.
+        sys.stderr.flush()
+        os._exit(0)
 
 
 def _up_alone(args: argparse.Namespace) -> None:
@@ -84,10 +90,12 @@ def _up_alone(args: argparse.Namespace) -> None:
     # Ray's CPUs are a scheduling budget: reserve what the config asks even on a laptop with fewer cores
     # (ONNX Runtime's threads still follow each replica's num_cpus).
     cpus = max(float(os.cpu_count() or 1), _requested_cpus(config))
+    serving = False
     try:
         started = time.perf_counter()
         start_local_ray(num_cpus=cpus)
         deploy_local(config, timeout_s=args.timeout)
+        serving = True
         where = f"http://{'127.0.0.1' if http['host'] in ('0.0.0.0', '::') else http['host']}:{http['port']}"
         print(f"genserve: serving {', '.join(models)} at {where}/v1 "
               f"(ready in {time.perf_counter() - started:.0f} s); Ctrl-C stops")
@@ -100,10 +108,14 @@ def _up_alone(args: argparse.Namespace) -> None:
         while True:
             time.sleep(1.0)
     finally:
-        # Ctrl-C again while stopping must not leave Ray behind: ignore it until Ray is down
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        print("genserve: stopping")
-        stop_local_ray()
+        # Serving, the first Ctrl-C lets the requests in flight finish (each replica's graceful_shutdown_timeout_s
+        # bounds it; idle, it takes a second or two); a second one stops at once. Nothing is left behind either way.
+        print("genserve: stopping" + (": requests in flight finish first; Ctrl-C again stops at once" if serving else ""))
+        try:
+            stop_local_ray(graceful=serving)
+        except KeyboardInterrupt:
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+            stop_local_ray()
 
 
 def _up_on_cluster(args: argparse.Namespace) -> None:

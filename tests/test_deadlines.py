@@ -88,6 +88,7 @@ def test_a_latency_slo_is_a_504_at_the_deadline_and_the_request_leaves_the_batch
     assert status == 504 and body["error"]["code"] == "deadline_exceeded", body
     assert 0.35 < seconds < 1.5, seconds
     left_the_batch(before)
+    print(f"latency_slo_ms 400: 504 after {seconds * 1000:.0f} ms")
 
 
 def test_the_request_timeout_header_is_the_deadline(server):
@@ -127,6 +128,9 @@ def test_never_a_late_200(server):
         answers = list(pool.map(lambda b: post(url, b), bodies))
     assert {a[0] for a in answers} <= {200, 504}, [a[1] for a in answers if a[0] not in (200, 504)]
     assert any(a[0] == 504 for a in answers), "the slowest should have missed: make them slower"
+    print(f"near the SLO: {sum(a[0] == 200 for a in answers)} x 200 (slowest "
+          f"{max((a[2] for a in answers if a[0] == 200), default=0) * 1000:.0f} ms), {sum(a[0] == 504 for a in answers)} x 504 "
+          f"(latest {max((a[2] for a in answers if a[0] == 504), default=0) * 1000:.0f} ms)")
     for status, body, seconds in answers:
         if status == 200:
             assert body["policy"]["actual_ms"] <= slo_ms + 5 and seconds * 1000 <= slo_ms + 150, (body["policy"], seconds)
@@ -160,3 +164,28 @@ def test_a_grpc_deadline_cancels_the_work(server):
         codes = list(pool.map(call, range(3)))
     assert codes == [grpc.StatusCode.DEADLINE_EXCEEDED] * 3
     left_the_batch(before, count=3, within_s=20)
+
+
+def test_a_grpc_timeout_in_the_metadata_is_the_deadline(server):
+    """X-Request-Timeout-Ms as gRPC metadata: admission plans for it (a request predicted to miss it is
+    RESOURCE_EXHAUSTED at once) and, best effort, the engine drops it at the deadline: DEADLINE_EXCEEDED from
+    the server, with the client's own deadline far away."""
+    from core.protos import open_inference_pb2 as pb
+    from core.protos.open_inference_pb2_grpc import GRPCInferenceServiceStub
+    from core.protos.parameters import set_parameter
+
+    request = pb.ModelInferRequest(model_name="diffusion")
+    t = request.inputs.add(name="class_id", datatype="INT64", shape=[1])
+    t.contents.int64_contents.append(1)
+    set_parameter(request.parameters["steps"], 1000)
+    metadata = ((TIMEOUT_HEADER.lower(), "400"),)
+    with grpc.insecure_channel(server["grpc"]) as channel:
+        stub = GRPCInferenceServiceStub(channel)
+        with pytest.raises(grpc.RpcError) as refused:
+            stub.ModelInfer(request, timeout=60, metadata=metadata)
+        assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, refused.value.details()
+        set_parameter(request.parameters["best_effort"], True)
+        start = time.monotonic()
+        with pytest.raises(grpc.RpcError) as late:
+            stub.ModelInfer(request, timeout=60, metadata=metadata)
+        assert late.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED and time.monotonic() - start < 2.0

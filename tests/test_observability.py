@@ -95,7 +95,8 @@ def test_metric_definitions_follow_prometheus_conventions():
         "ray_genserve_engine_steps_per_second": GAUGE, "ray_genserve_engine_steps_total": COUNTER,
         "ray_genserve_policy_decisions_total": COUNTER, "ray_genserve_slo_requests_total": COUNTER,
         "ray_genserve_rejections_total": COUNTER, "ray_genserve_model_load_duration_seconds": HISTOGRAM,
-        "ray_genserve_store_verification_failures_total": COUNTER, "ray_genserve_replica_retries_total": COUNTER}
+        "ray_genserve_store_verification_failures_total": COUNTER, "ray_genserve_replica_retries_total": COUNTER,
+        "ray_genserve_model_ready": GAUGE}
 
 
 def test_protocol_labels():

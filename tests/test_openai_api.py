@@ -167,7 +167,7 @@ def test_models_list(client, store):
         assert (m.family, m.version) == (name, store.resolve(name)[1])
         assert m.path == ("one-pass" if name in ONE_PASS else "iterative") and m.threads == 1
     assert models["gan"].settings == {"max_batch_images": MAX_BATCH, "max_wait_ms": MAX_WAIT_MS}
-    assert models["diffusion"].settings == {"max_batch_rows": 64}
+    assert models["diffusion"].settings == {"max_batch_rows": 64, "max_waiting_rows": 256}
     assert client.models.retrieve("vae").version == store.resolve("vae")[1]
 
 

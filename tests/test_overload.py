@@ -187,6 +187,9 @@ def test_a_flood_past_the_engine_bound_is_refused_at_once_and_the_server_recover
         assert body["error"]["code"] in ("overloaded", "slo_unattainable") and "Retry-After" in headers, body
     seconds = sorted(a[3] for a in refused)
     assert statistics.median(seconds) < 1.0 and seconds[int(0.95 * len(seconds))] < 3.0, seconds   # no queueing
+    print(f"flood: {len(served)} served, {len(refused)} refused ({sum(a[0] == 503 for a in refused)} x 503 by the "
+          f"engine's bound) in {statistics.median(seconds) * 1000:.0f} ms median, "
+          f"{seconds[int(0.95 * len(seconds))] * 1000:.0f} ms p95")
     for _, body, _, _ in served:   # the admitted ones completed, every image
         assert len(body["data"]) == WIDE["n"]
     after = engine_stats("diffusion")
@@ -200,3 +203,5 @@ def test_a_flood_past_the_engine_bound_is_refused_at_once_and_the_server_recover
     again = [post(url, small) for _ in range(3)]
     assert all(status == 200 for status, *_ in again)
     assert np.median([a[3] for a in again]) <= 3 * np.median(idle) + 0.2, (idle, [a[3] for a in again])
+    print(f"small request before / after the flood: {np.median(idle) * 1000:.0f} / "
+          f"{np.median([a[3] for a in again]) * 1000:.0f} ms")

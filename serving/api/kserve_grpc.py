@@ -24,6 +24,7 @@ drivers that may also load Triton's or KServe's own generated `inference` packag
 a protobuf descriptor pool refuses a second file defining the same names."""
 import functools
 import logging
+import time
 from dataclasses import dataclass
 
 import grpc
@@ -32,6 +33,7 @@ from google.protobuf.message import DecodeError
 
 from core.protos.parameters import parameter_value, set_parameter
 from serving.api import auth
+from serving.api.admission import TIMEOUT_HEADER, note_client_timeout
 from serving.api.errors import APIError, invalid
 from serving.api.kserve import IMAGE, OUTPUTS, decode_input, parse_infer
 from serving.api.validation import max_body_bytes, resolve_model
@@ -101,8 +103,12 @@ def _answers(response: str):
     def decorate(method):
         async def rpc(self, request, grpc_context):
             try:
+                metadata = dict(grpc_context.invocation_metadata())
+                # a client timeout in the metadata becomes the request's deadline, as HTTP's header does (the
+                # gRPC deadline itself cancels the call through the proxy, but Serve does not pass its value on)
+                note_client_timeout(metadata.get(TIMEOUT_HEADER.lower()), time.monotonic())
                 if method.__name__ not in auth.OPEN_RPCS:
-                    auth.check_authorization(dict(grpc_context.invocation_metadata()).get("authorization"))
+                    auth.check_authorization(metadata.get("authorization"))
                 if isinstance(request, Undecodable):
                     raise invalid(None, f"the {request.size} bytes received are not a {method.__name__}Request "
                                         f"message ({request.reason})")
