@@ -3,7 +3,8 @@
 - Alone (the default): bring the local store up to date with the shipped weights (`genserve build`, a no-op
   when it is current), start an embedded Ray of its own — never one that `ray start` left on this machine —
   and serve the models that store has, on 127.0.0.1 unless --host says otherwise. Ctrl-C (or SIGTERM) at any
-  moment, start-up included, stops Serve and that Ray within seconds: no Ray process or port is left behind.
+  moment, start-up included, stops Serve and that Ray: serving, the requests in flight finish first (a second
+  Ctrl-C stops at once); no Ray process or port is left behind.
 - With --address (a running cluster's dashboard, e.g. http://head:8265): submit the config to its Serve REST
   API, the way `serve deploy` and KubeRay do, wait until it runs, and follow it; Ctrl-C removes the
   application again and leaves the cluster as it was. The store must be one every node reads (--store or

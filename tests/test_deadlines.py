@@ -141,8 +141,11 @@ def test_never_a_late_200(server):
 def test_a_grpc_deadline_cancels_the_work(server):
     """Three clients whose gRPC deadline (1 s) passes mid-generation: each gets DEADLINE_EXCEEDED from its own
     library, and the proxy's cancellation reaches the engine, which drops all three at the next step."""
-    from core.protos import open_inference_pb2 as pb
-    from core.protos.open_inference_pb2_grpc import GRPCInferenceServiceStub
+    # Triton's generated messages (wire-compatible with genserve's): the pytest process has tritonclient's
+    # `inference` package loaded, and the default descriptor pool refuses a second one of that name
+    from tritonclient.grpc import service_pb2 as pb
+    from tritonclient.grpc.service_pb2_grpc import GRPCInferenceServiceStub
+
     from core.protos.parameters import set_parameter
 
     def call(seed: int) -> grpc.StatusCode:
@@ -170,8 +173,11 @@ def test_a_grpc_timeout_in_the_metadata_is_the_deadline(server):
     """X-Request-Timeout-Ms as gRPC metadata: admission plans for it (a request predicted to miss it is
     RESOURCE_EXHAUSTED at once) and, best effort, the engine drops it at the deadline: DEADLINE_EXCEEDED from
     the server, with the client's own deadline far away."""
-    from core.protos import open_inference_pb2 as pb
-    from core.protos.open_inference_pb2_grpc import GRPCInferenceServiceStub
+    # Triton's generated messages (wire-compatible with genserve's): the pytest process has tritonclient's
+    # `inference` package loaded, and the default descriptor pool refuses a second one of that name
+    from tritonclient.grpc import service_pb2 as pb
+    from tritonclient.grpc.service_pb2_grpc import GRPCInferenceServiceStub
+
     from core.protos.parameters import set_parameter
 
     request = pb.ModelInferRequest(model_name="diffusion")

@@ -1,9 +1,9 @@
-"""Input limits at the edge, against the session's app (tests/conftest.py): every hostile input of docs/limits.md
-sent over each protocol — OpenAI's API and the families' operations as raw HTTP and with the real `openai`
+"""Input limits at the edge, against the session's app (tests/conftest.py): every hostile input of the README's
+"Limits at the edge" sent over each protocol — OpenAI's API and the families' operations as raw HTTP and with the real `openai`
 client, KServe v2 over HTTP as raw bytes and with tritonclient.http, KServe v2 over gRPC with genserve's own
 messages on a raw channel and with tritonclient.grpc — gets a 4xx in that API's shape (gRPC: its status
 code), whose OpenAI `type` matches the status; none gets a 5xx, and no answer carries a traceback, a host path
-or a library version. Plus the table in docs/limits.md against the constants, and the JSON decoder alone."""
+or a library version. Plus that table against the constants, and the JSON decoder alone."""
 from __future__ import annotations
 
 import ast
@@ -37,7 +37,7 @@ from tests.helpers import http_json
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # Ray's, not ours
 ROOT = Path(__file__).resolve().parents[1]
-LIMITS_DOC = ROOT / "docs" / "limits.md"
+LIMITS_DOC = ROOT / "README.md"   # its "Limits at the edge" table
 
 
 # ---- what an answer must never carry ----------------------------------------------------------------------
@@ -276,7 +276,8 @@ def answers(server) -> dict[str, Answer]:
 # ---- the table and the constants -------------------------------------------------------------------------
 
 def test_the_limits_table_is_the_constants():
-    """Each row of docs/limits.md that names a constant gives that constant's value as its default."""
+    """Each row of the README's "Limits at the edge" table that names a constant gives that constant's value as
+    its default."""
     rows = re.findall(r"^\| (.+?) \| `(\w+)`(?: \(`([\w/.]+)`\))? \| ([\d.]+) \|", LIMITS_DOC.read_text(), re.M)
     modules = {"serving/api/validation.py": validation, "serving/api/errors.py": errors, "serving/api/png.py": png}
     assert len(rows) >= 15

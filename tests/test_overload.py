@@ -126,8 +126,11 @@ def engine_stats(model: str) -> dict:
 
 
 def grpc_infer(address: str, class_ids: list[int], parameters: dict) -> grpc.StatusCode:
-    from core.protos import open_inference_pb2 as pb
-    from core.protos.open_inference_pb2_grpc import GRPCInferenceServiceStub
+    # Triton's generated messages (wire-compatible with genserve's): the pytest process has tritonclient's
+    # `inference` package loaded, and the default descriptor pool refuses a second one of that name
+    from tritonclient.grpc import service_pb2 as pb
+    from tritonclient.grpc.service_pb2_grpc import GRPCInferenceServiceStub
+
     from core.protos.parameters import set_parameter
 
     request = pb.ModelInferRequest(model_name="diffusion")

@@ -5,8 +5,8 @@ document (openapi.py) reads for its schemas' bounds, so the two cannot drift apa
 Each check returns what it accepts or raises a 400 APIError (serving.api.errors) whose `param` and
 message name the field and the value; an unknown model is a 404. No Ray, no runtime, no torch.
 
-The limits below are the whole list a client meets at the edge (docs/limits.md tabulates them, and a test
-checks the table against these constants); the HTTP request's own limits are enforced by
+The limits below are the whole list a client meets at the edge (the README's "Limits at the edge" table lists
+them, and a test checks the table against these constants); the HTTP request's own limits are enforced by
 serving/api/http.py."""
 from __future__ import annotations
 
