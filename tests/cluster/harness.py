@@ -97,6 +97,12 @@ class Host:
 
 HEAD, W1, W2 = Host("head", f"{SUBNET}.10"), Host("w1", f"{SUBNET}.11"), Host("w2", f"{SUBNET}.12")
 REDIS, SOLO = Host("redis", f"{SUBNET}.5"), Host("solo", f"{SUBNET}.20")
+S3 = Host("s3", f"{SUBNET}.6")      # an S3-compatible server (moto), started by the test that uses it
+S3_PORT = 9000
+# The credentials and endpoint every node (and so every replica) has, from the standard AWS variables only,
+# as a real deployment gives them (never in the Serve config); moto takes any key. Harmless for local stores.
+S3_ENV = {"AWS_ACCESS_KEY_ID": "genserve-cluster", "AWS_SECRET_ACCESS_KEY": "genserve-cluster-secret",
+          "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": f"http://{S3.ip}:{S3_PORT}"}
 WORKERS = (W1, W2)
 
 
@@ -118,7 +124,7 @@ def env(**extra: str) -> dict[str, str]:
     e = {k: v for k, v in os.environ.items() if not k.startswith("RAY_") and k not in ("PYTHONPATH",)}
     e.update(PATH=f"{VENV_BIN}:{e.get('PATH', '/usr/bin:/bin')}", PYTHONPATH=str(SRC),
              RAY_USAGE_STATS_ENABLED="0", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1",
-             RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=auth_token())
+             RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=auth_token(), **S3_ENV)
     e.update(extra)
     return e
 
