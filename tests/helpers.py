@@ -4,6 +4,7 @@ from __future__ import annotations
 import random
 import json
 import socket
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -69,4 +70,35 @@ def http_json(method: str, url: str, body: bytes | dict | None = None, headers: 
         text = err.read()
         assert b"Traceback" not in text
         return err.code, json.loads(text)
+
+
+def timed_post(url: str, body: dict, headers: dict | None = None, timeout: float = 120) -> tuple[int, dict, float]:
+    """http_json's POST of a JSON body (extra headers allowed), and the seconds it took to answer."""
+    start = time.monotonic()
+    status, answer = http_json("POST", url, body, {"content-type": "application/json", **(headers or {})}, timeout)
+    return status, answer, time.monotonic() - start
+
+
+def replica_metrics(model: str, app: str = APP) -> dict:
+    """A model deployment's counters and gauges (its `metrics()`: the engine's or the batcher's), as a dict."""
+    from ray import serve
+
+    return vars(serve.get_deployment_handle(model, app_name=app).metrics.remote().result(timeout_s=30))
+
+
+def metric_samples(metrics_port: int, series: str) -> list[tuple[dict[str, str], float]]:
+    """(labels, value) of every sample of one genserve series (e.g. "ray_genserve_model_ready") on this node's
+    Ray metrics endpoint, read with the load generator's parser."""
+    from loadtests.metrics import parse_samples
+
+    text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).read().decode()
+    return [(labels, value) for name, labels, value in parse_samples(text) if name == series]
+
+
+def replica_names(app: str, model: str) -> list[str]:
+    """The Ray actor names of a deployment's live replicas (namespace "serve"), sorted."""
+    import ray
+
+    return sorted(a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+                  if a["name"].startswith(f"SERVE_REPLICA::{app}#{model}#"))
 

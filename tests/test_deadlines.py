@@ -6,10 +6,7 @@ cancels the work through Serve's proxy (the proxy does not pass the deadline's v
 app (tests/conftest.py)."""
 from __future__ import annotations
 
-import json
 import time
-import urllib.error
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
@@ -17,7 +14,7 @@ import pytest
 
 from serving.api.admission import TIMEOUT_HEADER, client_timeout_s, note_client_timeout
 from serving.api.errors import APIError
-from tests.helpers import APP
+from tests.helpers import replica_metrics, timed_post
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # Ray's, not ours
 
@@ -25,26 +22,11 @@ STATUS_KEYS = ("added", "refused", "running", "queue_length", "finished", "cance
 SLOW = {"model": "diffusion", "prompt": "bag", "n": 2, "seed": 1, "steps": 1000}  # tens of seconds here
 
 
-def post(url: str, body: dict, headers: dict | None = None) -> tuple[int, dict, float]:
-    req = urllib.request.Request(url, json.dumps(body).encode(), {"content-type": "application/json", **(headers or {})})
-    start = time.monotonic()
-    try:
-        with urllib.request.urlopen(req, timeout=120) as r:
-            return r.status, json.loads(r.read()), time.monotonic() - start
-    except urllib.error.HTTPError as err:
-        return err.code, json.loads(err.read()), time.monotonic() - start
-
-
-def engine_stats(model: str = "diffusion") -> dict:
-    from ray import serve
-
-    return vars(serve.get_deployment_handle(model, app_name=APP).metrics.remote().result(timeout_s=30))
-
 
 def idle_engine(within_s: float = 20.0) -> dict:
     """The engine's counters once nothing is in it (an earlier test's expired requests leave at their next step)."""
     deadline = time.monotonic() + within_s
-    while (now := engine_stats())["running"] or now["queue_length"]:
+    while (now := replica_metrics("diffusion"))["running"] or now["queue_length"]:
         assert time.monotonic() < deadline, {k: now[k] for k in STATUS_KEYS}
         time.sleep(0.05)
     return now
@@ -56,7 +38,7 @@ def left_the_batch(before: dict, count: int = 1, within_s: float = 10.0) -> dict
     leaves nothing to drop: it counts as gone)."""
     deadline = time.monotonic() + within_s
     while True:
-        now = engine_stats()
+        now = replica_metrics("diffusion")
         added = now["added"] - before["added"]
         gone = (now["expired"] + now["cancelled"]) - (before["expired"] + before["cancelled"])
         if added <= count and gone == added and now["running"] == 0 and now["queue_length"] == 0:
@@ -82,9 +64,9 @@ def test_the_header_is_parsed_from_arrival():
 
 def test_a_latency_slo_is_a_504_at_the_deadline_and_the_request_leaves_the_batch(server):
     url = f"{server['url']}/v1/images/generations"
-    assert post(url, {"model": "diffusion", "prompt": "bag", "steps": 2})[0] == 200   # a warm engine
+    assert timed_post(url, {"model": "diffusion", "prompt": "bag", "steps": 2})[0] == 200   # a warm engine
     before = idle_engine()
-    status, body, seconds = post(url, {**SLOW, "latency_slo_ms": 400, "best_effort": True})
+    status, body, seconds = timed_post(url, {**SLOW, "latency_slo_ms": 400, "best_effort": True})
     assert status == 504 and body["error"]["code"] == "deadline_exceeded", body
     assert 0.35 < seconds < 1.5, seconds
     left_the_batch(before)
@@ -95,24 +77,24 @@ def test_the_request_timeout_header_is_the_deadline(server):
     """X-Request-Timeout-Ms: admission plans for it (a request predicted to miss it is a 429 at once), the
     engine drops the request at it (504), and a request that fits gets its 200."""
     url = f"{server['url']}/v1/images/generations"
-    status, body, seconds = post(url, SLOW, {TIMEOUT_HEADER: "400"})
+    status, body, seconds = timed_post(url, SLOW, {TIMEOUT_HEADER: "400"})
     assert status == 429 and body["error"]["code"] == "slo_unattainable" and seconds < 1.0, body
     before = idle_engine()
-    status, body, seconds = post(url, {**SLOW, "best_effort": True}, {TIMEOUT_HEADER: "400"})
+    status, body, seconds = timed_post(url, {**SLOW, "best_effort": True}, {TIMEOUT_HEADER: "400"})
     assert status == 504 and body["error"]["code"] == "deadline_exceeded" and 0.35 < seconds < 1.5, (body, seconds)
     left_the_batch(before)
     # the tighter of the header and latency_slo_ms holds
-    status, body, seconds = post(url, {**SLOW, "best_effort": True, "latency_slo_ms": 300}, {TIMEOUT_HEADER: "60000"})
+    status, body, seconds = timed_post(url, {**SLOW, "best_effort": True, "latency_slo_ms": 300}, {TIMEOUT_HEADER: "60000"})
     assert status == 504 and seconds < 1.2, (body, seconds)
-    status, body, _ = post(url, {"model": "gan", "prompt": "bag", "seed": 1}, {TIMEOUT_HEADER: "5000"})
+    status, body, _ = timed_post(url, {"model": "gan", "prompt": "bag", "seed": 1}, {TIMEOUT_HEADER: "5000"})
     assert status == 200 and body["policy"]["slo_ms"] <= 5000, body
-    status, body, _ = post(url, {"model": "gan", "prompt": "bag"}, {TIMEOUT_HEADER: "soon"})
+    status, body, _ = timed_post(url, {"model": "gan", "prompt": "bag"}, {TIMEOUT_HEADER: "soon"})
     assert status == 400 and body["error"]["param"] == TIMEOUT_HEADER, body
     # KServe v2 over HTTP reads the header too, and Triton's timeout parameter (microseconds)
     v2 = f"{server['url']}/v2/models/diffusion/infer"
     tensor = {"name": "class_id", "datatype": "INT64", "shape": [1], "data": [1]}
     for headers, parameters in (({TIMEOUT_HEADER: "300"}, {}), ({}, {"timeout": 300_000})):
-        status, body, seconds = post(v2, {"inputs": [tensor], "parameters": {"steps": 1000, "best_effort": True,
+        status, body, seconds = timed_post(v2, {"inputs": [tensor], "parameters": {"steps": 1000, "best_effort": True,
                                                                           **parameters}}, headers)
         assert status == 504 and "error" in body and seconds < 1.2, (body, seconds)
 
@@ -125,7 +107,7 @@ def test_never_a_late_200(server):
     bodies = [{"model": "diffusion", "prompt": "shirt", "seed": i, "n": 4, "steps": steps, "latency_slo_ms": slo_ms,
                "best_effort": True} for i, steps in enumerate((5, 10, 20, 40, 60, 80, 120, 160) * 2)]
     with ThreadPoolExecutor(8) as pool:
-        answers = list(pool.map(lambda b: post(url, b), bodies))
+        answers = list(pool.map(lambda b: timed_post(url, b), bodies))
     assert {a[0] for a in answers} <= {200, 504}, [a[1] for a in answers if a[0] not in (200, 504)]
     assert any(a[0] == 504 for a in answers), "the slowest should have missed: make them slower"
     print(f"near the SLO: {sum(a[0] == 200 for a in answers)} x 200 (slowest "

@@ -14,11 +14,8 @@ from __future__ import annotations
 import asyncio
 import copy
 import json
-import re
 import shutil
 import time
-import urllib.error
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -29,6 +26,7 @@ from model_store import ModelStore
 from serving.errors import ModelUnavailable, unless_unavailable
 from serving.config import OnePassConfig
 from serving.onepass.batcher import ImageBatcher
+from tests.helpers import http_json, metric_samples, replica_names, timed_post
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # Ray's, not ours
 
@@ -36,22 +34,6 @@ NAME, PREFIX = "health", "/health-app"
 TAMPERED, HEALTHY = "gan", "diffusion"
 
 
-def get(url: str) -> tuple[int, dict]:
-    try:
-        with urllib.request.urlopen(url, timeout=60) as r:
-            return r.status, json.loads(r.read())
-    except urllib.error.HTTPError as err:
-        return err.code, json.loads(err.read())
-
-
-def post(url: str, body: dict) -> tuple[int, dict, float]:
-    req = urllib.request.Request(url, json.dumps(body).encode(), {"content-type": "application/json"})
-    start = time.monotonic()
-    try:
-        with urllib.request.urlopen(req, timeout=180) as r:
-            return r.status, json.loads(r.read()), time.monotonic() - start
-    except urllib.error.HTTPError as err:
-        return err.code, json.loads(err.read()), time.monotonic() - start
 
 
 # ---- no server ---------------------------------------------------------------------------------------------
@@ -127,50 +109,38 @@ def private(server, served_store, tmp_path_factory):
         deploy_local(server["config"], timeout_s=240)   # back to the session's one application
 
 
-def replica_names(model: str) -> list[str]:
-    import ray
-
-    return sorted(a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
-                  if a["name"].startswith(f"SERVE_REPLICA::{NAME}#{model}#"))
-
 
 def model_ready_metric(metrics_port: int) -> dict[str, float]:
     """model -> genserve_model_ready of this application's replicas, as Ray exports it."""
-    text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).read().decode()
-    ready = {}
-    for labels, value in re.findall(r"^ray_genserve_model_ready{([^}]*)} (\S+)$", text, re.M):
-        labels = dict(re.findall(r'(\w+)="([^"]*)"', labels))
-        if labels.get("application") == NAME:
-            ready[labels["model"]] = float(value)
-    return ready
+    return {labels["model"]: value for labels, value in metric_samples(metrics_port, "ray_genserve_model_ready")
+            if labels.get("application") == NAME}
 
 
 def replica_retries(metrics_port: int) -> float:
     """The ingress's retries of this application's calls whose replica died (genserve_replica_retries_total)."""
-    text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).read().decode()
-    return sum(float(value) for labels, value in re.findall(r"^ray_genserve_replica_retries_total{([^}]*)} (\S+)$",
-                                                            text, re.M) if f'application="{NAME}"' in labels)
+    return sum(value for labels, value in metric_samples(metrics_port, "ray_genserve_replica_retries_total")
+               if labels.get("application") == NAME)
 
 
 def test_a_tampered_model_degrades_only_itself(server, private):
     from ray import serve
 
     assert serve.status().applications[NAME].status == "RUNNING"
-    status, body = get(f"{private['url']}/v2/health/ready")
+    status, body = http_json("GET", f"{private['url']}/v2/health/ready", timeout=60)
     assert status == 503 and body["ready"] is False and set(body["not_ready"]) == {TAMPERED}, body
     reason = body["not_ready"][TAMPERED]
     assert "IntegrityError" in reason and "does not match its manifest hash" in reason, reason
     assert str(private["root"]) not in json.dumps(body)                      # no host path answered
-    assert get(f"{private['url']}/v2/models/{TAMPERED}/ready")[0] == 503
-    assert get(f"{private['url']}/v2/models/{HEALTHY}/ready") == (200, {"name": HEALTHY, "ready": True})
+    assert http_json("GET", f"{private['url']}/v2/models/{TAMPERED}/ready", timeout=60)[0] == 503
+    assert http_json("GET", f"{private['url']}/v2/models/{HEALTHY}/ready", timeout=60) == (200, {"name": HEALTHY, "ready": True})
 
     url = f"{private['url']}/v1/images/generations"
-    status, body, seconds = post(url, {"model": TAMPERED, "prompt": "bag", "seed": 1})
+    status, body, seconds = timed_post(url, {"model": TAMPERED, "prompt": "bag", "seed": 1}, timeout=180)
     assert status == 503 and body["error"]["code"] == "model_unavailable" and seconds < 5, body
     assert "IntegrityError" in body["error"]["message"] and str(private["root"]) not in body["error"]["message"]
-    status, body, _ = post(url, {"model": HEALTHY, "prompt": "bag", "seed": 1, "steps": 4})
+    status, body, _ = timed_post(url, {"model": HEALTHY, "prompt": "bag", "seed": 1, "steps": 4}, timeout=180)
     assert status == 200 and len(body["data"]) == 1                          # the other model serves
-    assert get(f"{server['url']}/v2/health/ready") == (200, {"ready": True})  # and the session's app is untouched
+    assert http_json("GET", f"{server['url']}/v2/health/ready", timeout=60) == (200, {"ready": True})  # and the session's app is untouched
 
     deadline = time.monotonic() + 30                                           # exported every second
     while (ready := model_ready_metric(server["metrics_port"])) != {TAMPERED: 0.0, HEALTHY: 1.0}:
@@ -197,21 +167,21 @@ def test_a_redeploy_lets_in_flight_requests_finish(private):
 
     url = f"{private['url']}/v1/images/generations"
     long = {"model": HEALTHY, "prompt": "sneaker", "n": 8, "guidance_scale": 2.0, "steps": 150}
-    old = replica_names(HEALTHY)
+    old = replica_names(NAME, HEALTHY)
     changed = copy.deepcopy(private["config"])
     for d in changed["applications"][-1]["deployments"]:
         if d["name"] == HEALTHY:
             d["ray_actor_options"] = {**d["ray_actor_options"], "runtime_env": {"env_vars": {"GENSERVE_REDEPLOY": "1"}}}
     retries = replica_retries(private["metrics_port"])
     with ThreadPoolExecutor(2) as pool:
-        calls = [pool.submit(post, url, {**long, "seed": i}) for i in range(2)]
+        calls = [pool.submit(timed_post, url, {**long, "seed": i}, timeout=180) for i in range(2)]
         time.sleep(1.0)                                       # in the old replica's step batch by now
         assert not any(c.done() for c in calls)
         start = time.monotonic()
         deploy_local(changed, timeout_s=240)                  # returns once the new replica is up
         print(f"redeployed in {time.monotonic() - start:.1f} s")
         if not all(c.done() for c in calls):                  # the old replica drains, still alive
-            assert set(old) <= set(replica_names(HEALTHY)), (old, replica_names(HEALTHY))
+            assert set(old) <= set(replica_names(NAME, HEALTHY)), (old, replica_names(NAME, HEALTHY))
         answers = [c.result() for c in calls]
     print("in-flight requests took", [round(a[2], 1) for a in answers], "s")
     assert [a[0] for a in answers] == [200, 200], [a[1] for a in answers]
@@ -219,7 +189,7 @@ def test_a_redeploy_lets_in_flight_requests_finish(private):
     time.sleep(2.5)                                           # the metrics' export interval, twice
     assert replica_retries(private["metrics_port"]) == retries   # served where they started: no retry
     deadline = time.monotonic() + 60
-    while (new := replica_names(HEALTHY)) == old or len(new) != 1:   # the old one is gone once drained
+    while (new := replica_names(NAME, HEALTHY)) == old or len(new) != 1:   # the old one is gone once drained
         assert time.monotonic() < deadline, (old, new)
         time.sleep(0.5)
-    assert post(url, {"model": HEALTHY, "prompt": "bag", "seed": 2, "steps": 4})[0] == 200   # the new one serves
+    assert timed_post(url, {"model": HEALTHY, "prompt": "bag", "seed": 2, "steps": 4}, timeout=180)[0] == 200   # the new one serves

@@ -19,7 +19,7 @@ from tritonclient.utils import InferenceServerException
 from core.contracts import NULL_CLASS
 from serving.api.errors import APIError
 from serving.api.kserve_grpc import status_code
-from tests.helpers import APP, SERVED_FAMILIES
+from tests.helpers import SERVED_FAMILIES, replica_metrics
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # Ray's, not ours
 FAST = {"diffusion": {"steps": 2},   # per model: parameters that keep the test fast, and pin
@@ -102,11 +102,6 @@ def status_of(call) -> tuple[str, str]:
     return info.value.status(), info.value.message()
 
 
-def engine_stats(model: str) -> dict:
-    from ray import serve
-
-    return vars(serve.get_deployment_handle(model, app_name=APP).metrics.remote().result(timeout_s=30))
-
 
 def test_health_and_server_metadata(client):
     assert client.is_server_live() and client.is_server_ready()
@@ -150,7 +145,7 @@ def test_infer_raw_and_typed_contents_give_the_same_images(client, stub, served_
 def test_pixelcnn_in_every_encoding(client, stub, server):
     """PixelCNN takes 784 engine steps an image, so its four requests (gRPC raw and typed, HTTP JSON and
     binary) run at once, each on its own thread, and share the steps."""
-    before = engine_stats("pixelcnn")["steps"]
+    before = replica_metrics("pixelcnn")["steps"]
     with ThreadPoolExecutor(4) as pool:
         over_http = [pool.submit(infer_http, server, "pixelcnn", [1], [3], binary) for binary in (False, True)]
         typed = pool.submit(infer_typed, stub, "pixelcnn", [1], [3])
@@ -158,7 +153,7 @@ def test_pixelcnn_in_every_encoding(client, stub, server):
         assert images.shape == (1, 28, 28)
         for other in (typed, *over_http):
             np.testing.assert_array_equal(other.result(), images)
-    assert engine_stats("pixelcnn")["steps"] - before < 2 * 784   # they shared forwards
+    assert replica_metrics("pixelcnn")["steps"] - before < 2 * 784   # they shared forwards
 
 
 def test_the_same_images_over_http_and_grpc(client, server):
@@ -224,11 +219,11 @@ def test_status_codes_and_the_server_keeps_serving(client, stub):
 def test_the_client_deadline_cancels_the_work(client):
     """A gRPC deadline passes on the client: the proxy's call is cancelled, and with it the ingress's and the
     model's, so the request leaves the step batch instead of running its 1000 steps."""
-    before = engine_stats("diffusion")
+    before = replica_metrics("diffusion")
     status, _ = status_of(lambda: infer(client, "diffusion", [1], parameters={"steps": 1000}, client_timeout=1.0))
     assert status == "StatusCode.DEADLINE_EXCEEDED"
     deadline = time.monotonic() + 20
-    while (now := engine_stats("diffusion"))["cancelled"] == before["cancelled"]:
+    while (now := replica_metrics("diffusion"))["cancelled"] == before["cancelled"]:
         assert time.monotonic() < deadline, now
         time.sleep(0.1)
     assert now["running"] == 0 and now["finished"] == before["finished"]

@@ -23,7 +23,7 @@ from serving.api.classes import class_from_prompt
 from serving.api.errors import APIError
 from serving.api.openai import parse_image_request
 from serving.api.png import encode_png
-from tests.helpers import APP, MAX_BATCH, MAX_WAIT_MS, ONE_PASS, SERVED_FAMILIES, http_json
+from tests.helpers import MAX_BATCH, MAX_WAIT_MS, ONE_PASS, SERVED_FAMILIES, http_json, replica_metrics
 
 FAMILIES = ONE_PASS                              # the one-pass path
 # Ray Serve's own pydantic models warn on import under pydantic 2.x; not ours to fix
@@ -153,11 +153,6 @@ def generate(client, model, **extra):
                                   extra_body=extra)
 
 
-def stats(model: str) -> dict:
-    from ray import serve
-
-    return vars(serve.get_deployment_handle(model, app_name=APP).metrics.remote().result(timeout_s=30))
-
 
 def test_models_list(client, store):
     models = {m.id: m for m in client.models.list().data}
@@ -196,7 +191,7 @@ def test_upscaled_sizes(client):
 def test_batch_independence(client):
     """The same request alone and amid concurrent ones gives the same images (to 1/255)."""
     alone = images_of(generate(client, "gan", prompt="bag", n=2, seed=99)).astype(int)
-    before = stats("gan")["batches"]
+    before = replica_metrics("gan")["batches"]
     with ThreadPoolExecutor(8) as pool:
         others = [pool.submit(generate, client, "gan", class_id=c % 10, n=1 + c % 4, seed=1000 + c) for c in range(10)]
         target = pool.submit(generate, client, "gan", prompt="bag", n=2, seed=99)
@@ -204,15 +199,15 @@ def test_batch_independence(client):
             f.result()
         amid = images_of(target.result()).astype(int)
     assert np.abs(amid - alone).max() <= 1
-    after = stats("gan")
+    after = replica_metrics("gan")
     shared = list(after["recent_batch_sizes"])[-(after["batches"] - before):]
     assert len(shared) < 11 and max(shared) > 2   # 11 requests, fewer forwards: they shared batches
 
 
 def test_n_larger_than_the_max_batch(client):
-    before = stats("vae")["batches"]
+    before = replica_metrics("vae")["batches"]
     big = images_of(generate(client, "vae", n=16, seed=5, prompt="coat"))
-    after = stats("vae")
+    after = replica_metrics("vae")
     assert big.shape == (16, 28, 28)
     sizes = list(after["recent_batch_sizes"])[-(after["batches"] - before):]
     assert sum(sizes) == 16 and max(sizes) <= MAX_BATCH and len(sizes) >= 2
@@ -323,9 +318,9 @@ def test_reconfigure_max_batch_live(client, server):
     _deploy_gan_batching(client, server, {"max_batch_images": 2, "max_wait_ms": 2})
     try:
         assert client.models.retrieve("gan").version == version_before
-        before = stats("gan")["batches"]
+        before = replica_metrics("gan")["batches"]
         assert images_of(generate(client, "gan", n=5, seed=3)).shape == (5, 28, 28)
-        after = stats("gan")
+        after = replica_metrics("gan")
         assert list(after["recent_batch_sizes"])[-(after["batches"] - before):] == [2, 2, 1]
     finally:  # the app is shared by the session's other modules
         _deploy_gan_batching(client, server, {"max_batch_images": MAX_BATCH, "max_wait_ms": MAX_WAIT_MS})
@@ -334,18 +329,18 @@ def test_reconfigure_max_batch_live(client, server):
 def test_client_disconnect_frees_the_step_batch_slot(server, client):
     """A client that hangs up mid-generation: Serve cancels the ingress call, the cancellation reaches the
     iterative replica, and the request leaves the batch at the next step instead of running 1000 steps."""
-    before = stats("diffusion")
+    before = replica_metrics("diffusion")
     body = json.dumps({"model": "diffusion", "prompt": "bag", "n": 2, "seed": 1, "steps": 1000}).encode()
     host, port = server["url"].removeprefix("http://").split(":")
     with socket.create_connection((host, int(port))) as conn:
         conn.sendall(b"POST /v1/images/generations HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                      b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
         deadline = time.monotonic() + 30
-        while stats("diffusion")["running"] == 0:   # wait until it is in the step batch
+        while replica_metrics("diffusion")["running"] == 0:   # wait until it is in the step batch
             assert time.monotonic() < deadline
             time.sleep(0.05)
     hung_up = time.monotonic()
-    while (now := stats("diffusion"))["cancelled"] == before["cancelled"]:
+    while (now := replica_metrics("diffusion"))["cancelled"] == before["cancelled"]:
         assert time.monotonic() - hung_up < 20, now
         time.sleep(0.1)
     assert now["running"] == 0 and now["finished"] == before["finished"]
@@ -355,13 +350,13 @@ def test_client_disconnect_frees_the_step_batch_slot(server, client):
 def test_pixelcnn_through_the_step_engine(client, store):
     """PixelCNN's 784 pixel steps through the engine: seeded, and requests at different pixel positions
     share forwards (the second joins while the first is mid-image)."""
-    before = stats("pixelcnn")
+    before = replica_metrics("pixelcnn")
     with ThreadPoolExecutor(2) as pool:
         first = pool.submit(generate, client, "pixelcnn", prompt="trousers", seed=3)
         time.sleep(0.5)
         second = pool.submit(generate, client, "pixelcnn", prompt="bag", n=2, seed=4)
         a, b = images_of(first.result()), images_of(second.result())
-    after = stats("pixelcnn")
+    after = replica_metrics("pixelcnn")
     assert a.shape == (1, 28, 28) and b.shape == (2, 28, 28)
     assert first.result().model_extra["version"] == store.resolve("pixelcnn")[1]
     assert after["steps"] - before["steps"] < 2 * 784   # they shared forwards

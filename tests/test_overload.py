@@ -24,7 +24,7 @@ from serving.config import IterativeConfig
 from serving.engine.scheduler import Scheduler
 from serving.engine.state import RequestState
 from serving.errors import EngineOverloaded
-from tests.helpers import APP
+from tests.helpers import replica_metrics
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # Ray's, not ours
 
@@ -119,11 +119,6 @@ def post(url: str, body: dict) -> tuple[int, dict, object, float]:
         return err.code, json.loads(err.read()), err.headers, time.monotonic() - start
 
 
-def engine_stats(model: str) -> dict:
-    from ray import serve
-
-    return vars(serve.get_deployment_handle(model, app_name=APP).metrics.remote().result(timeout_s=30))
-
 
 def grpc_infer(address: str, class_ids: list[int], parameters: dict) -> grpc.StatusCode:
     # Triton's generated messages (wire-compatible with genserve's): the pytest process has tritonclient's
@@ -153,7 +148,7 @@ def test_a_flood_past_the_engine_bound_is_refused_at_once_and_the_server_recover
     small = {"model": "diffusion", "prompt": "bag", "steps": 6, "seed": 1}
     assert post(url, small)[0] == 200   # warm
     idle = [post(url, small)[3] for _ in range(3)]
-    before = engine_stats("diffusion")
+    before = replica_metrics("diffusion")
     stop = threading.Event()
 
     def client(i: int) -> list:
@@ -166,8 +161,8 @@ def test_a_flood_past_the_engine_bound_is_refused_at_once_and_the_server_recover
         flood = [pool.submit(client, i) for i in range(FLOOD)]
         try:
             deadline = time.monotonic() + 30   # the queue fills within the flood's first second or two
-            while engine_stats("diffusion")["rows_queued"] + WIDE["n"] * 2 <= IterativeConfig().max_waiting_rows:
-                assert time.monotonic() < deadline, engine_stats("diffusion")
+            while replica_metrics("diffusion")["rows_queued"] + WIDE["n"] * 2 <= IterativeConfig().max_waiting_rows:
+                assert time.monotonic() < deadline, replica_metrics("diffusion")
                 time.sleep(0.02)
             # while it is full: gRPC's answer is RESOURCE_EXHAUSTED, KServe v2 over HTTP a 503 in its own shape
             # (16 images: 16 jobs, the request fails with the first refused)
@@ -195,7 +190,7 @@ def test_a_flood_past_the_engine_bound_is_refused_at_once_and_the_server_recover
           f"{seconds[int(0.95 * len(seconds))] * 1000:.0f} ms p95")
     for _, body, _, _ in served:   # the admitted ones completed, every image
         assert len(body["data"]) == WIDE["n"]
-    after = engine_stats("diffusion")
+    after = replica_metrics("diffusion")
     queue_full = [a for a in refused if a[0] == 503]   # the engine's bound (the policy's refusals are 429s)
     assert queue_full and all("queue is full" in a[1]["error"]["message"] for a in queue_full)
     assert after["refused"] - before["refused"] >= len(queue_full)

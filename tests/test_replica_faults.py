@@ -6,34 +6,29 @@ from __future__ import annotations
 
 import base64
 import os
-import re
 import signal
 import threading
 import time
-import urllib.request
 
 import pytest
 import ray
 from ray import serve
 
-from tests.helpers import http_json
+from tests.helpers import APP, http_json, metric_samples, replica_names
 
-APP = "genserve"
 # PixelCNN: one forward per pixel, ~2-4 s an image here, so there is time to kill its replica mid-request
 BODY = {"model": "pixelcnn", "prompt": "trouser", "n": 1, "seed": 4242}
 
 
 def replica_actor(model: str):
-    names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
-             if a["name"].startswith(f"SERVE_REPLICA::{APP}#{model}#")]
+    names = replica_names(APP, model)
     assert len(names) == 1, names
     return ray.get_actor(names[0], namespace="serve")
 
 
 def retries_counted(metrics_port: int, model: str) -> float:
-    text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).read().decode()
-    return sum(float(m.group(1)) for m in re.finditer(
-        rf'^ray_genserve_replica_retries_total{{[^}}]*model="{model}"[^}}]*}} ([0-9.e+]+)$', text, re.M))
+    return sum(value for labels, value in metric_samples(metrics_port, "ray_genserve_replica_retries_total")
+               if labels.get("model") == model)
 
 
 def kill(actor, how: str) -> None:

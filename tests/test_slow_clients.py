@@ -18,7 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from tests.helpers import APP
+from tests.helpers import replica_metrics
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # Ray's, not ours
 
@@ -52,12 +52,6 @@ def connect(address: tuple[str, int]) -> socket.socket:
     sock = socket.create_connection(address, timeout=60)
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     return sock
-
-
-def engine_stats() -> dict:
-    from ray import serve
-
-    return vars(serve.get_deployment_handle("diffusion", app_name=APP).metrics.remote().result(timeout_s=30))
 
 
 def test_slow_and_idle_clients_do_not_slow_a_normal_one(server):
@@ -107,7 +101,7 @@ def test_slow_and_idle_clients_do_not_slow_a_normal_one(server):
                 time.sleep(BYTE_EVERY_S)
             return read_response(sock)[0]
 
-    before = engine_stats()
+    before = replica_metrics("diffusion")
     hang_ups = []
     for seed in range(HANG_UPS):               # long generations whose clients will hang up mid-way
         sock = connect(address)
@@ -121,8 +115,8 @@ def test_slow_and_idle_clients_do_not_slow_a_normal_one(server):
         slow = [pool.submit(slow_headers) for _ in range(SLOW_HEADERS)] + \
                [pool.submit(slow_body) for _ in range(SLOW_BODIES)]
         deadline = time.monotonic() + 30
-        while engine_stats()["running"] < HANG_UPS:   # all in the step batch: now hang up
-            assert time.monotonic() < deadline, engine_stats()
+        while replica_metrics("diffusion")["running"] < HANG_UPS:   # all in the step batch: now hang up
+            assert time.monotonic() < deadline, replica_metrics("diffusion")
             time.sleep(0.05)
         for sock in hang_ups:
             sock.close()
@@ -137,7 +131,7 @@ def test_slow_and_idle_clients_do_not_slow_a_normal_one(server):
           f"({len(under_load)} requests)")
 
     deadline = time.monotonic() + 20            # every hung-up generation left the batch, none finished
-    while (now := engine_stats())["cancelled"] - before["cancelled"] < HANG_UPS or now["running"]:
+    while (now := replica_metrics("diffusion"))["cancelled"] - before["cancelled"] < HANG_UPS or now["running"]:
         assert time.monotonic() < deadline, (before, now)
         time.sleep(0.1)
     assert now["finished"] == before["finished"]

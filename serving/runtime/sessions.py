@@ -16,8 +16,7 @@ import numpy as np
 import onnxruntime as ort
 
 from core.contracts import GraphContract
-from core.runtime import (ProviderChoice, check_self_contained, choose_providers, make_session,
-                          tensorrt_provider_options)
+from core.runtime import ProviderChoice, choose_providers, make_session, tensorrt_provider_options
 from model_store.errors import IntegrityError
 from model_store.manifest import Manifest
 from model_store.store import ModelStore
@@ -108,14 +107,12 @@ def load_model(store: str | None, ref: str, graph_for: Mapping[str, str], *, thr
         contract = loaded.manifest.graph(name)
         options = ({"TensorrtExecutionProvider": tensorrt_provider_options(contract, max_batch=max_batch)}
                    if "TensorrtExecutionProvider" in choice.providers else None)
-        data = loaded.graph_bytes(name)
-        try:
-            check_self_contained(data)
+        try:  # make_session refuses a graph that is not self-contained (ValueError) before ORT opens it
+            session = make_session(loaded.graph_bytes(name), threads=threads, choice=choice, provider_options=options)
         except ValueError as exc:
             record_verification_failure(loaded.manifest.model)
             raise IntegrityError(f"{loaded.manifest.model}@{loaded.manifest.version}, {contract.onnx_file}: {exc}; "
                                  "refusing to load") from None
-        session = make_session(data, threads=threads, choice=choice, provider_options=options)
         return GraphSession(session, contract)
 
     graph = open_graph(graph_for[family])
