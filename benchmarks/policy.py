@@ -1,6 +1,6 @@
 """The latency/quality policy under real load, `auto` against each fixed choice:
 
-    python -m benchmarks.policy [--out benchmarks/results] [--stage-s S] [--quick]
+    python -m benchmarks.policy [--out benchmarks/results] [--stage-s S] [--quick] [--strategies auto ...]
 
 A Poisson ramp from 0.2x to 3x the diffusion path's capacity, every request with an SLO from {100, 500,
 2000} ms and a quality tier (none, standard, best), sent through a Ray Serve app serving all five models,
@@ -365,11 +365,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--stage-s", type=float, default=None, help="seconds per load level (default 20; --quick 8)")
     parser.add_argument("--quick", action="store_true", help=f"a smoke run: 8 s levels, strategies {', '.join(QUICK)}")
     parser.add_argument("--port", type=int, default=8000, help="the app's HTTP port (default 8000)")
+    parser.add_argument("--strategies", nargs="+", choices=tuple(STRATEGIES), default=None,
+                        help="run only these (e.g. auto: its SLO attainment at the client alone)")
     args = parser.parse_args(argv)
     store = ModelStore.open(args.store)
     build(store, log=lambda line: print(line, flush=True))   # a no-op when the store is current
     stage_s = args.stage_s or (8.0 if args.quick else 20.0)
-    policy(store.uri, args.out, stage_s, QUICK if args.quick else tuple(STRATEGIES), args.port)
+    strategies = tuple(args.strategies or (QUICK if args.quick else STRATEGIES))
+    policy(store.uri, args.out, stage_s, strategies, args.port)
 
 
 if __name__ == "__main__":

@@ -6,7 +6,10 @@
                                                  step-batched engine vs the request-level @serve.batch baseline
     python -m benchmarks.serving onepass      4. one-pass (GAN): overhead at low load, saturated throughput
                                                  vs a hand-written Ray Serve + ONNX Runtime peer
-    python -m benchmarks.serving all          all four
+    python -m benchmarks.serving machine      5. the whole machine: genserve as `genserve up` runs it vs a minimal
+                                                 step-batched loop (benchmarks/steploop.py), unguided DDIM
+                                                 {10, 25, 50} steps on a Poisson ramp; then every model at once
+    python -m benchmarks.serving all          all five
 
 Each prints its table and writes it, with the raw numbers, to OUT (default benchmarks/results/): NAME.md and
 NAME.json; the load generator's runs go to OUT/runs/ (`genserve report` turns one into an HTML page).
@@ -17,6 +20,7 @@ shared and noisy.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import time
 from collections.abc import Iterator
@@ -78,14 +82,14 @@ def genserve_app(name: str, prefix: str, store: str, model: str, batching: str) 
 
 
 @contextmanager
-def serving(apps: list[dict[str, Any]], port: int = 8000) -> Iterator[str]:
-    """A local Ray (2 CPUs) running these Serve applications; yields the HTTP root."""
+def serving(apps: list[dict[str, Any]], port: int = 8000, num_cpus: float = 2) -> Iterator[str]:
+    """A local Ray (num_cpus CPUs to reserve) running these Serve applications; yields the HTTP root."""
     import ray
     from ray import serve
 
     from genserve.launch import deploy_local, start_local_ray
 
-    start_local_ray(num_cpus=2, log_to_driver=False)
+    start_local_ray(num_cpus=num_cpus, log_to_driver=False)
     try:
         deploy_local({"proxy_location": "EveryNode", "http_options": {"host": "127.0.0.1", "port": port},
                 "applications": apps}, timeout_s=300)
@@ -150,12 +154,14 @@ SATURATING = {"diffusion": (Template(model="diffusion", prompt="bag", steps=50),
               "pixelcnn": (Template(model="pixelcnn", prompt="bag"), 80)}
 
 
-def efficiency(store: str, out: Path, warmup_s: float = 20.0, measure_s: float = 40.0) -> dict[str, Any]:
+def efficiency(store: str, out: Path, warmup_s: float = 20.0, measure_s: float = 40.0,
+               families: tuple[str, ...] = tuple(SATURATING)) -> dict[str, Any]:
     """Row-steps per second the engine serves through Ray Serve at saturation (its own counter, over a
     wall-clock window: every gap between forwards counts against it), divided by the raw graph's rows per
     second at the same batch size, measured in the same run on the idle machine just before the load."""
     data, lines = {}, []
-    for family, (template, users) in SATURATING.items():
+    for family in families:
+        template, users = SATURATING[family]
         with serving([genserve_app("genserve", "/", store, family, "step")]) as url:
             raw = raw_rows_per_second(store, family, batches=(MAX_ROWS,))[MAX_ROWS]
             with ThreadPoolExecutor(1) as pool:   # the load runs its own event loop in this thread
@@ -282,19 +288,128 @@ def _mixed_markdown(data: dict[str, Any], results: dict[str, list[dict[str, Any]
     return "\n".join([header, *lines, "", *summary])
 
 
+# ---- 5. the whole machine: genserve as `genserve up` runs it vs the minimal step loop ---------------------
+
+MACHINE_RATES = (10.0, 12.0, 15.0, 18.0, 21.0, 24.0)
+# issue 14's workload: unguided DDIM, steps drawn from {10, 25, 50}, one image, a class
+MACHINE_MIX = [Template(model="diffusion", class_id=7, sampler="ddim", steps=s, guidance_scale=1.0) for s in MIXED_STEPS]
+# every model at once, the load a shared machine sees (one-pass n=1, diffusion 25 steps, PixelCNN rarely)
+FIVE_MODELS = [Template(model=m, class_id=7, weight=w) for m, w in (("gan", 3), ("vae", 3), ("flow", 3))] + [
+    Template(model="diffusion", class_id=7, sampler="ddim", steps=25, guidance_scale=1.0, weight=3),
+    Template(model="pixelcnn", class_id=7, weight=0.3)]
+
+
+def genserve_up_apps(store: str, share_cores: bool = False) -> tuple[list[dict[str, Any]], int]:
+    """genserve's applications exactly as `genserve up` deploys them (every model, one replica each), and the
+    CPUs it tells Ray to reserve; share_cores: the node's cores shared by demand (GENSERVE_SHARE_CORES=1,
+    serving.runtime.cores) instead of every replica sized to its reservation."""
+    from genserve.launch import load_config, on_one_node, serve_only_what_the_store_has
+    from genserve.up import local_cpus
+    from serving.runtime.cores import SHARE_ENV
+
+    config, _ = serve_only_what_the_store_has(on_one_node(load_config()), store)
+    if share_cores:
+        for d in config["applications"][0]["deployments"]:
+            d.setdefault("ray_actor_options", {})["runtime_env"] = {"env_vars": {SHARE_ENV: "1"}}
+    return config["applications"], local_cpus(config)
+
+
+def _step_loop_app(store: str, threads: int) -> dict[str, Any]:
+    return {"name": "steploop", "route_prefix": "/", "import_path": "benchmarks.steploop:build",
+            "args": {"store": store, "threads": threads}, "deployments": [_deployment("StepLoop", 1)]}
+
+
+def machine(store: str, out: Path, stage_s: float = 30.0, rates=MACHINE_RATES, only: str = "") -> dict[str, Any]:
+    """Issue 14's targets 1 and 2 on this machine, one system at a time on a fresh Ray: the minimal step loop
+    with 2 ONNX Runtime threads (and 1), genserve as `genserve up` serves it (all five models) with and without
+    latency_slo_ms, on the same Poisson ramp; capacity is the highest rate with >= 99% of requests answered
+    OK within 3 s (a refusal counts as a miss); then each genserve arm at 1.5x its own capacity. Last, every
+    model at once with the node's cores shared vs each replica sized to its reservation. `only`: run just the
+    arms whose name contains it (a quick look; the markdown needs every arm)."""
+    ramp = OpenLoop("poisson", tuple(Stage(r, stage_s) for r in rates))
+    slo = [dataclasses.replace(t, latency_slo_ms=SLO_S * 1000) for t in MACHINE_MIX]
+    apps, cpus = genserve_up_apps(store)
+    arms = {"step loop, 2 threads": ([_step_loop_app(store, 2)], 2, MACHINE_MIX),
+            "step loop, 1 thread": ([_step_loop_app(store, 1)], 2, MACHINE_MIX),
+            "genserve, no latency_slo_ms": (apps, cpus, MACHINE_MIX),
+            "genserve, latency_slo_ms 3000": (apps, cpus, slo)}
+    data: dict[str, Any] = {"rates": list(rates), "stage_s": stage_s, "slo_s": SLO_S, "arms": {}}
+    for arm, (arm_apps, arm_cpus, mix) in arms.items():
+        if only not in arm:
+            continue
+        slug = arm.replace(",", "").replace(" ", "-")
+        with serving(arm_apps, num_cpus=arm_cpus) as url:
+            rows = _by_stage_and_steps(load(url, out, f"machine-{slug}", mix, ramp, timeout_s=30))
+            capacity = _capacity(rows)
+            entry = {"capacity_rps": capacity, "ramp": [{"rate": r["rate"], "all": vars(r["all"]),
+                                                         **{str(k): vars(r[k]) for k in MIXED_STEPS}} for r in rows]}
+            if arm.startswith("genserve") and capacity:
+                over = OpenLoop("poisson", (Stage(round(1.5 * capacity, 2), stage_s),))
+                a = _by_stage_and_steps(load(url, out, f"machine-{slug}-overload", mix, over, timeout_s=30))[0]["all"]
+                entry["at_1.5x"] = {"rate": 1.5 * capacity, **vars(a), "goodput_over_capacity": a.goodput_rps / capacity}
+        data["arms"][arm] = entry
+    five = OpenLoop("poisson", (Stage(6.0, stage_s), Stage(10.0, stage_s)))
+    data["five_models"] = {}
+    for arm, share in (("cores shared", True), ("each replica its reservation", False)):
+        if only not in arm:
+            continue
+        five_apps, five_cpus = genserve_up_apps(store, share_cores=share)
+        with serving(five_apps, num_cpus=five_cpus) as url:
+            run = load(url, out, f"machine-five-{'shared' if share else 'reserved'}", FIVE_MODELS, five, timeout_s=60)
+        measured = [r for r in run.records if not r.warmup]
+        data["five_models"][arm] = {
+            f"{w.offered_rate:g}": {m: vars(group_stats(m, [r for r in measured if r.stage == w.stage
+                                                            and FIVE_MODELS[r.template].model == m], w.start, w.end))
+                                    for m in ("gan", "vae", "flow", "diffusion", "pixelcnn")}
+            for w in run.windows}
+    write(out, "machine", _machine_markdown(data), data)
+    return data
+
+
+def _machine_markdown(data: dict[str, Any]) -> str:
+    arms = data["arms"]
+    lines = ["| offered req/s | " + " | ".join(arms) + " |", "|---:|" + "---|" * len(arms)]
+    for i, rate in enumerate(data["rates"]):
+        cells = []
+        for entry in arms.values():
+            row = entry["ramp"][i]
+            a, ten = row["all"], row["10"]
+            cells.append(f"{a['goodput_rps']:.2f} / {_ms(ten['p99_s'])} ms" +
+                         (f" ({a['rejection_rate'] * 100:.0f}% refused)" if a["rejection_rate"] else ""))
+        lines.append(f"| {rate:g} | " + " | ".join(cells) + " |")
+    lines += ["", "Capacity (highest rate with >= 99% answered OK within 3 s; a refusal is a miss): " +
+              ", ".join(f"{arm} {e['capacity_rps']:g} req/s" for arm, e in arms.items()) + "."]
+    for arm, e in arms.items():
+        if "at_1.5x" in e:
+            o = e["at_1.5x"]
+            lines.append(f"{arm} at 1.5x its capacity ({o['rate']:g} req/s): goodput {o['goodput_rps']:.2f} req/s = "
+                         f"{o['goodput_over_capacity']:.2f}x capacity, {o['rejection_rate'] * 100:.0f}% refused, "
+                         f"p99 {_ms(o['p99_s'])} ms.")
+    lines += ["", "Every model at once (Poisson; gan, vae, flow, diffusion 25 steps 3:3:3:3, pixelcnn 0.3), "
+              "p50 / p99 ms and answered OK per second:", "",
+              "| offered req/s | arm | gan | vae | flow | diffusion | pixelcnn |", "|---:|---|---|---|---|---|---|"]
+    for arm, by_rate in data["five_models"].items():
+        for rate, by_model in by_rate.items():
+            lines.append(f"| {rate} | {arm} | " + " | ".join(
+                f"{_ms(g['p50_s'])} / {_ms(g['p99_s'])} ({g['throughput_rps']:.2f}/s)" for g in by_model.values()) + " |")
+    return "\n".join(lines)
+
+
 # ---- the command -----------------------------------------------------------------------------------
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.serving", description=__doc__.splitlines()[0])
-    parser.add_argument("which", choices=["ceiling", "efficiency", "mixed", "onepass", "all"])
+    parser.add_argument("which", choices=["ceiling", "efficiency", "mixed", "onepass", "machine", "all"])
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     parser.add_argument("--store", default="model_store_data")
+    parser.add_argument("--family", choices=tuple(SATURATING), help="efficiency: this family only (default both)")
     args = parser.parse_args(argv)
     store = ModelStore.open(args.store)
     build(store, log=lambda line: print(line, flush=True))   # a no-op when the store is current
-    for name in (["ceiling", "efficiency", "mixed", "onepass"] if args.which == "all" else [args.which]):
+    for name in (["ceiling", "efficiency", "mixed", "onepass", "machine"] if args.which == "all" else [args.which]):
         print(f"== {name}", flush=True)
-        globals()[name](store.uri, args.out)
+        kwargs = {"families": (args.family,)} if name == "efficiency" and args.family else {}
+        globals()[name](store.uri, args.out, **kwargs)
 
 
 if __name__ == "__main__":

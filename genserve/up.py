@@ -14,6 +14,7 @@ The config is the same file `serve run` / `serve deploy` / KubeRay use; `up` onl
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import signal
 import socket
@@ -26,9 +27,13 @@ DEFAULT_PORT = 8000
 DEFAULT_HOST = "127.0.0.1"   # a laptop's server is not the network's: --host 0.0.0.0 opens it
 
 
-def _requested_cpus(config: dict[str, Any]) -> float:
-    return sum(float((d.get("ray_actor_options") or {}).get("num_cpus", 1)) * int(d.get("num_replicas", 1))
-               for app in config["applications"] for d in app.get("deployments", []))
+def local_cpus(config: dict[str, Any]) -> int:
+    """The CPUs the local Ray is told it has. They are a scheduling budget: reserve what the config asks even
+    on a laptop with fewer cores (the replicas share the real ones: serving.runtime.cores). Whole, as Ray
+    requires (the Ingress asks 0.1)."""
+    requested = sum(float((d.get("ray_actor_options") or {}).get("num_cpus", 1)) * int(d.get("num_replicas", 1))
+                    for app in config["applications"] for d in app.get("deployments", []))
+    return math.ceil(max(float(os.cpu_count() or 1), requested))
 
 
 def _check_port_free(host: str, port: int) -> None:
@@ -88,9 +93,7 @@ def _up_alone(args: argparse.Namespace) -> None:
     http["port"] = args.port or http.get("port", DEFAULT_PORT)
     _check_port_free(http["host"], http["port"])
 
-    # Ray's CPUs are a scheduling budget: reserve what the config asks even on a laptop with fewer cores
-    # (ONNX Runtime's threads still follow each replica's num_cpus).
-    cpus = max(float(os.cpu_count() or 1), _requested_cpus(config))
+    cpus = local_cpus(config)
     serving = False
     try:
         started = time.perf_counter()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import json
+import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any
@@ -135,7 +136,9 @@ class HTTPClient(Client):
     async def send(self, template: Template, seed: int) -> Outcome:
         path, body = self.request(template, seed)
         try:
-            async with self._session.post(self.url + path, json=body) as r:
+            # when it left: the server spends the time before its ingress saw it from the request's SLO
+            headers = {"X-Request-Start": f"t={time.time():.6f}"}
+            async with self._session.post(self.url + path, json=body, headers=headers) as r:
                 status, raw, headers = r.status, await r.read(), r.headers
         except (aiohttp.ClientError, OSError) as exc:
             return Outcome(0, error=f"{type(exc).__name__}: {exc}")
@@ -237,7 +240,7 @@ class KServeGRPCClient(Client):
             set_parameter(request.parameters[key], value)
         request.outputs.add(name="image")
         try:
-            response = await self._stub.ModelInfer(request)
+            response = await self._stub.ModelInfer(request, metadata=(("x-request-start", f"t={time.time():.6f}"),))
         except grpc.aio.AioRpcError as err:
             return Outcome(HTTP_STATUS.get(err.code(), 500), error=f"gRPC {err.code().name}: {err.details()}")
         size = response.ByteSize()

@@ -49,4 +49,5 @@ def build_app(args: dict[str, Any]) -> Application:
             raise ValueError(f"{entry.ref} is a {family!r} model, which genserve does not serve")
         handles[entry.name] = deployment.options(name=entry.name).bind(store.uri, entry.ref)
         manifests[entry.name] = manifest
-    return Ingress.options(name=INGRESS).bind(handles, manifests, cfg.ingress_timeout_s, cfg.admission)
+    return Ingress.options(name=INGRESS).bind(handles, manifests, cfg.ingress_timeout_s, cfg.admission,
+                                              cfg.default_slo_ms)

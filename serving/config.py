@@ -99,9 +99,13 @@ class AppArgs:
     # The store: a local path or file:// URI; None means $GENSERVE_STORE, else ./model_store_data
     # (relative to the working directory Ray runs replicas in: give an absolute path for `serve deploy`).
     store: str | None = None
-    # The deadline of a request that sets none (no latency_slo_ms, X-Request-Timeout-Ms or Triton timeout):
-    # admitted against it like an SLO, dropped from the step batch and answered 504 when it passes
+    # The longest any call to a model may take (a likelihood over many images, a best_effort request): the
+    # proxies' backstop is set past it
     ingress_timeout_s: float = 120.0
+    # The SLO of a request that sets none (no latency_slo_ms, X-Request-Timeout-Ms or Triton timeout), at
+    # least: max(this, 4x its time on an idle replica) (serving.policy.PolicyConfig). Admitted against and
+    # dropped at, like any SLO: past capacity, a request without one is refused rather than queued
+    default_slo_ms: float = 3000.0
     # "step": genserve's paths (image-count batching, the step engine); "request": the plain @serve.batch
     # baseline over whole requests (serving/request_batching.py), for the benchmarks
     batching: str = "step"
@@ -117,6 +121,10 @@ class AppArgs:
             raise ValueError(f"args.models: names must be unique, got {dupes} more than once")
         if not (isinstance(self.ingress_timeout_s, (int, float)) and self.ingress_timeout_s > 0):
             raise ValueError(f"args.ingress_timeout_s must be a number > 0, got {self.ingress_timeout_s!r}")
+        if not (isinstance(self.default_slo_ms, (int, float)) and not isinstance(self.default_slo_ms, bool)
+                and 0 < self.default_slo_ms <= self.ingress_timeout_s * 1000):
+            raise ValueError(f"args.default_slo_ms must be a number > 0 and at most ingress_timeout_s in ms, got "
+                             f"{self.default_slo_ms!r}")
         if not isinstance(self.admission, bool):
             raise ValueError(f"args.admission must be true or false, got {self.admission!r}")
         if self.batching not in ("step", "request"):
@@ -125,7 +133,7 @@ class AppArgs:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> AppArgs:
         d = dict(d or {})
-        allowed = {"models", "store", "ingress_timeout_s", "batching", "admission"}
+        allowed = {"models", "store", "ingress_timeout_s", "default_slo_ms", "batching", "admission"}
         if extra := sorted(set(d) - allowed):
             raise ValueError(f"args: unknown keys {extra}; known: {sorted(allowed)}")
         models = d.pop("models", None)

@@ -73,6 +73,19 @@ def test_a_latency_slo_is_a_504_at_the_deadline_and_the_request_leaves_the_batch
     print(f"latency_slo_ms 400: 504 after {seconds * 1000:.0f} ms")
 
 
+def test_time_spent_before_the_ingress_is_spent_from_the_slo(server):
+    """X-Request-Start (a load balancer's, or the client's, send time): the budget counts from then. A request
+    that spent its whole SLO queued in front of the ingress is refused at once; the same request sent now is
+    served; and without the header the policy plans from the ingress's clock, as before."""
+    url = f"{server['url']}/v1/images/generations"
+    body = {"model": "gan", "prompt": "bag", "latency_slo_ms": 1500}
+    status, answer, _ = timed_post(url, body, {"X-Request-Start": f"t={time.time() - 1.49:.3f}"})
+    assert status == 429 and answer["error"]["code"] == "slo_unattainable", answer
+    assert timed_post(url, body, {"X-Request-Start": f"t={time.time():.3f}"})[0] == 200
+    status, answer, _ = timed_post(url, body)
+    assert status == 200 and answer["policy"]["slo_ms"] == 1500 - 20  # the edge kept for the way out
+
+
 def test_the_request_timeout_header_is_the_deadline(server):
     """X-Request-Timeout-Ms: admission plans for it (a request predicted to miss it is a 429 at once), the
     engine drops the request at it (504), and a request that fits gets its 200."""
@@ -177,3 +190,14 @@ def test_a_grpc_timeout_in_the_metadata_is_the_deadline(server):
         with pytest.raises(grpc.RpcError) as late:
             stub.ModelInfer(request, timeout=60, metadata=metadata)
         assert late.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED and time.monotonic() - start < 2.0
+
+
+@pytest.mark.parametrize("value, spent", [
+    ("t=1799999999.5", 0.5), ("1799999999.5", 0.5), ("t=1799999999500", 0.5), ("t=1799999999500000", 0.5),  # s, ms, us
+    (None, 0.0), ("", 0.0), ("t=soon", 0.0), ("t=1800000000.5", 0.0), ("t=1799999000", 0.0),  # absent, garbage, future, stale
+])
+def test_x_request_start_is_read_in_seconds_ms_or_us_and_an_untrustworthy_clock_is_ignored(value, spent):
+    from serving.api.admission import note_request_start, spent_before_ingress_s
+
+    note_request_start(value, 1_800_000_000.0)
+    assert spent_before_ingress_s() == pytest.approx(spent)

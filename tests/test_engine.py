@@ -44,14 +44,13 @@ def toy_denoiser(x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Ten
     return (x - a.sqrt() * x0) / (1 - a).sqrt() + 0.05 * torch.tanh(3 * x)
 
 
-def toy_logits(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+def toy_logits(x: torch.Tensor, y: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
     """Causal and per-row: pixel p's logits peak at a level set by pixel p-1, the class and p, so the
-    image depends on every pixel sampled before (a fake PixelCNN). [R,1,28,28] -> [R,256,28,28]."""
+    image depends on every pixel sampled before (a fake PixelCNN step). [R,1,28,28], [R], [R] -> [R,256]."""
     flat = x.flatten(1)  # [R, 784]
-    prev = torch.cat([torch.zeros_like(flat[:, :1]), flat[:, :-1]], 1)
-    target = (prev * 0.5 + 10 * y[:, None] + torch.arange(784)) % 256  # [R, 784]
-    logits = -(torch.arange(256.0)[None, :, None] - target[:, None, :]).abs() / 3  # [R, 256, 784]
-    return logits.reshape(-1, 256, 28, 28)
+    prev = torch.cat([torch.zeros_like(flat[:, :1]), flat[:, :-1]], 1).gather(1, p[:, None])  # [R, 1]
+    target = (prev * 0.5 + 10 * y[:, None] + p[:, None]) % 256  # [R, 1]
+    return -(torch.arange(256.0)[None, :] - target).abs() / 3  # [R, 256]
 
 
 class FakeRunner:
@@ -130,6 +129,7 @@ def test_guided_images_take_two_rows_and_unguided_or_unconditional_one():
     assert diffusion(n=3, guidance_scale=2.0).rows == 6
     assert diffusion(n=3, guidance_scale=1.0).rows == 3
     assert diffusion(n=3, guidance_scale=2.0, class_id=NULL_CLASS).rows == 3  # cond row == uncond row
+    assert diffusion(n=3, guidance_scale=2.0, class_ids=(1, NULL_CLASS, 2)).rows == 5
     assert pixelcnn(n=3).rows == 3
 
 
@@ -239,6 +239,45 @@ def test_guided_requests_put_conditional_and_null_rows_in_the_same_forward():
     assert runner.calls[3] == [[t_u[3]], [6]]  # g finished: its rows left at once
 
 
+# per-image seeds and classes (a KServe v2 request of n images is one such request)
+PER_IMAGE = dict(class_ids=(4, NULL_CLASS, 4, 9), seeds=(5, 6, 5, 2**64 - 1))
+
+
+@pytest.mark.parametrize("kw", [dict(sampler="ddim", eta=0.6, guidance_scale=2.5),
+                                dict(sampler="dpmpp_2m", guidance_scale=3.0, steps=7),
+                                dict(sampler="dpmpp_2m", guidance_scale=1.0, steps=5)])
+def test_per_image_seeds_and_classes_give_each_image_as_its_one_image_request(kw):
+    """Image i is the image of the 1-image request with seed seeds[i] and class class_ids[i], bit for bit:
+    x_T and the DDIM noise come from each image's own generator, and a classless image takes one row."""
+    request = diffusion(n=4, **PER_IMAGE, **kw)
+    singles = [diffusion(class_id=c, seed=seed, **kw) for c, seed in zip(PER_IMAGE["class_ids"], PER_IMAGE["seeds"])]
+    assert request.rows == sum(r.rows for r in singles)
+    together = alone(request)
+    assert torch.equal(together, torch.cat([alone(r) for r in singles]))
+    assert torch.equal(together[0], together[2])  # the same seed and class: the same image, wherever it is
+    # and inside a busy batch, beside requests of one seed
+    outputs = run(engine(), {0: [("p", request), ("m", MIX[0][1])], 1: [("q", MIX[2][1])]})
+    assert torch.equal(outputs["p"].result(), together)
+
+
+def test_per_image_rows_are_the_conditional_rows_then_the_guided_images_unconditional_ones():
+    runner = FakeRunner()
+    run(engine(runner), {0: [("p", diffusion(n=3, steps=1, guidance_scale=2.0, class_ids=(1, NULL_CLASS, 2),
+                                             seeds=(1, 2, 3)))]})
+    assert runner.calls == [[[999] * 5, [1, NULL_CLASS, 2, NULL_CLASS, NULL_CLASS]]]
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(n=2, seeds=(1,)), r"^seeds must be None or a tuple of n = 2 values, got \(1,\)$"),
+    (dict(n=2, class_ids=[1, 2]), r"^class_ids must be None or a tuple of n = 2 values, got \[1, 2\]$"),
+    (dict(n=2, class_ids=(1, 11)), r"^class_id must be an integer in \[0, 10\]"),
+    (dict(n=2, seeds=(1, -1)), r"^seed must be an integer in \[0, 2\*\*64 - 1\], got -1$"),
+])
+def test_per_image_seeds_and_classes_are_validated(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        diffusion(**kwargs)
+
+
 def test_a_new_request_joins_at_the_next_step_and_never_waits_for_others():
     runner = FakeRunner()
     outputs = run(engine(runner), {0: [("long", diffusion(steps=20))], 3: [("short", diffusion(steps=2))]})
@@ -314,8 +353,8 @@ def record_joins(sched: Scheduler, joins: list) -> None:
     """Note (now, request id) for every admission the scheduler makes."""
     schedule = sched.schedule
 
-    def recording(now: float):
-        plan = schedule(now)
+    def recording(now: float, step_s: float | None = None):
+        plan = schedule(now, step_s)
         joins.extend((now, request_id) for request_id in plan.joined)
         return plan
     sched.schedule = recording
@@ -323,8 +362,8 @@ def record_joins(sched: Scheduler, joins: list) -> None:
 
 def test_the_policy_simulator_admits_and_steps_as_the_engine_does():
     """serving/policy/simulator.py's step replica and EngineCore, on one scenario where every forward takes
-    1 ms + 0.5 ms per row (queues behind a full batch, and idle gaps): the same admissions at the same
-    times, the same ends."""
+    1 ms + 0.5 ms per row (queues behind a full batch, pre-emptions, and idle gaps): the same admissions at
+    the same times, the same ends."""
     from serving.policy.simulator import _Clock, _Engine, _Request
 
     def forward_ms(rows: int) -> float:
@@ -367,7 +406,8 @@ def test_the_policy_simulator_admits_and_steps_as_the_engine_does():
             core.add_request(diffusion(n=rows, steps=steps), request_id)
         core_ends |= {o.request_id: fake.now for o in core.step()}
 
-    assert [r for _, r in sim_joins] == [r for _, r in core_joins] and len(sim_joins) == len(scenario)
+    assert [r for _, r in sim_joins] == [r for _, r in core_joins] and {r for _, r in sim_joins} == {s[0] for s in scenario}
+    assert len(sim_joins) > len(scenario)  # long requests were pre-empted for short ones, and resumed, in both
     assert [t for t, _ in sim_joins] == pytest.approx([t for t, _ in core_joins])
     assert sim_ends == pytest.approx(core_ends)
 
@@ -376,10 +416,9 @@ def test_the_policy_simulator_admits_and_steps_as_the_engine_does():
 
 def test_pixelcnn_feeds_each_sampled_pixel_back_in_raster_order():
     """Logits certain of (pixel p-1) + 1: the image must come out as 0, 1, 2, ... in raster order."""
-    def next_level(x, y):
+    def next_level(x, y, p):
         prev = torch.cat([torch.full_like(x.flatten(1)[:, :1], -1), x.flatten(1)[:, :-1]], 1)
-        hot = torch.nn.functional.one_hot(((prev + 1) % 256).long(), 256).float()  # [R, 784, 256]
-        return (hot.transpose(1, 2) * 100).reshape(-1, 256, 28, 28)
+        return torch.nn.functional.one_hot(((prev.gather(1, p[:, None])[:, 0] + 1) % 256).long(), 256).float() * 100
 
     image = alone(pixelcnn(n=2, temperature=2.0), next_level, family="pixelcnn")
     assert image.dtype == torch.uint8 and image.shape == (2, 1, 28, 28)
@@ -396,7 +435,7 @@ def test_pixelcnn_requests_at_different_positions_share_forwards_and_match_alone
     for i, (k, r) in enumerate(PIXEL_MIX):
         arrivals.setdefault(k, []).append((f"p{i}", r))
     outputs = run(engine(runner, family="pixelcnn"), arrivals)
-    assert len(runner.calls) == 500 + 784 and max(len(y) for y, in runner.calls) == 5
+    assert len(runner.calls) == 500 + 784 and max(len(y) for y, _ in runner.calls) == 5
     for i, (_, r) in enumerate(PIXEL_MIX):
         assert torch.equal(outputs[f"p{i}"].result(), alone(r, toy_logits, "pixelcnn")), f"p{i}"
 
@@ -417,9 +456,9 @@ def test_a_real_pixelcnn_mixes_positions_and_matches_alone():
         assert (model(x, y)[..., 10, 20] - model(junk, y)[..., 10, 20]).abs().max() < 1e-5
 
     a, b = pixelcnn(seed=11, class_id=2), pixelcnn(seed=12, class_id=NULL_CLASS, temperature=0.8)
-    outputs = run(engine(TorchRunner(model), family="pixelcnn"), {0: [("a", a)], 300: [("b", b)]})
+    outputs = run(engine(TorchRunner(model.step), family="pixelcnn"), {0: [("a", a)], 300: [("b", b)]})
     for rid, request in (("a", a), ("b", b)):
-        assert torch.equal(outputs[rid].result(), alone(request, TorchRunner(model).execute, "pixelcnn")), rid
+        assert torch.equal(outputs[rid].result(), alone(request, TorchRunner(model.step).execute, "pixelcnn")), rid
 
 
 # --- asyncio face ---------------------------------------------------------------------------------------

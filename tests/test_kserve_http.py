@@ -15,6 +15,7 @@ from tritonclient.utils import InferenceServerException
 
 from core.contracts import NULL_CLASS
 from serving.api.errors import APIError
+from serving.api.jobs import GenerationJob
 from serving.api.kserve import decode_input, parse_infer
 from tests.helpers import SERVED_FAMILIES, http_json
 
@@ -37,12 +38,23 @@ def error_of(fn, *args, **kwargs) -> APIError:
     return info.value
 
 
-def test_a_request_is_one_job_per_image():
-    req = parse([("class_id", "INT64", [3], [7, 7, NULL_CLASS]), ("seed", "INT64", [3], [5, 9, 5])],
+def test_a_request_is_one_job_with_a_seed_and_class_per_image():
+    req = parse([("class_id", "INT64", [3], [NULL_CLASS, 7, 7]), ("seed", "INT64", [3], [5, 9, 5])],
                 {"steps": 4, "sampler": "ddim", "latency_slo_ms": 800}, name="diffusion")
     assert req.model == "diffusion" and req.drawn_seed is None
-    assert [(j.class_id, j.seed, j.n) for j in req.jobs] == [(7, 5, 1), (7, 9, 1), (NULL_CLASS, 5, 1)]
-    assert {(j.setting.steps, j.setting.sampler, j.timeout_s) for j in req.jobs} == {(4, "ddim", 0.8)}
+    [job] = req.jobs
+    assert (job.n, job.seeds, job.class_ids) == (3, (5, 9, 5), (NULL_CLASS, 7, 7))
+    assert job.class_id == 7   # admission's: a guided conditional image takes two rows
+    assert (job.setting.steps, job.setting.sampler, job.timeout_s) == (4, "ddim", 0.8)
+    # one class for every image: no per-image classes; one image: the plain 1-image job
+    assert parse([("class_id", "INT64", [2], [4, 4])]).jobs[0].class_ids is None
+    assert parse([("class_id", "INT64", [1], [NULL_CLASS]), ("seed", "INT64", [1], [3])]).jobs == \
+           (GenerationJob(class_id=NULL_CLASS, n=1, seed=3),)
+    # a model whose stepper draws one stream per request (PixelCNN, or auto where one is served): a job per image
+    for name in ("pixelcnn", "auto"):
+        split = parse_infer(name, "", "", [("class_id", [1, 2]), ("seed", [5, 6])], {}, [],
+                            {**FAMILIES, "pixelcnn": "pixelcnn"})
+        assert [(j.class_id, j.seed, j.n, j.seeds) for j in split.jobs] == [(1, 5, 1, None), (2, 6, 1, None)]
     # raw little-endian bytes (binary extension, gRPC raw contents) and nested JSON decode alike
     assert decode_input("class_id", "INT64", [2], np.array([1, 2], "<i8").tobytes()) == ("class_id", [1, 2])
     assert decode_input("seed", "INT64", [2], [[1], [2]]) == ("seed", [1, 2])
@@ -51,7 +63,7 @@ def test_a_request_is_one_job_per_image():
 def test_absent_seeds_are_drawn_once_and_numbered():
     req = parse([("class_id", "INT64", [3], [1, 1, 1])], name="auto")
     assert req.model == req.name == "auto"   # the policy chooses at the ingress
-    assert [j.seed for j in req.jobs] == [req.drawn_seed + i for i in range(3)]
+    assert req.jobs[0].seeds == tuple(req.drawn_seed + i for i in range(3))
 
 
 def test_triton_timeout_tightens_the_slo():
@@ -179,6 +191,17 @@ def test_infer_json_and_binary_give_the_same_images(client, served_store, model)
     # image i depends only on its own class and seed: alone, or at another position, it is the same
     alone, _ = infer(client, model, [7], [12], **params)
     np.testing.assert_array_equal(alone[0], as_json[1])
+
+
+@pytest.mark.parametrize("model, parameters", [("gan", {}), ("diffusion", {"steps": 3, "guidance_scale": 2.0})])
+def test_n_images_in_one_request_are_the_n_one_image_answers(client, model, parameters):
+    """One job of n images with a seed and class each is, image for image and byte for byte, n 1-image
+    requests: a classless image beside guided ones, a seed twice, and a 64-bit seed."""
+    classes, seeds = [3, NULL_CLASS, 3, 8], [21, 22, 21, 2**63 - 1]
+    together, _ = infer(client, model, classes, seeds, **parameters)
+    alone = [infer(client, model, [c], [s], **parameters)[0][0] for c, s in zip(classes, seeds)]
+    np.testing.assert_array_equal(together, np.stack(alone))
+    assert not np.array_equal(together[0], together[3])
 
 
 def test_drawn_seed_makes_the_images_again(client):

@@ -334,3 +334,23 @@ def test_one_stall_cannot_lock_a_model_out():
     assert margin.value == 4.0
     margin.expire(now=61.0)
     assert margin.value == 1.2          # a quiet model is back at its prior
+
+
+# ---- a request without an SLO --------------------------------------------------------------------------------
+
+def test_a_request_without_an_slo_is_held_to_the_default_and_refused_past_capacity():
+    """No latency_slo_ms: the default SLO (3 s, or 4x the time alone for long work), admitted against like any
+    SLO: a burst far past capacity is partly refused at once, and every admitted request is in time."""
+    p = policy()
+    d = decide(p, model="diffusion", steps=20)
+    assert d.slo_ms == PolicyConfig.default_slo_ms
+    long = decide(p, model="pixelcnn")  # 784 steps: its time alone x 4 is over the floor
+    alone = decide(policy(), model="pixelcnn", latency_slo_ms=10**6).predicted_ms
+    assert long.slo_ms == pytest.approx(PolicyConfig.default_slo_idle * alone, rel=0.01)
+    assert long.slo_ms > PolicyConfig.default_slo_ms
+    burst = [(i * 0.001, Hints(model="diffusion")) for i in range(400)]
+    results = simulate(policy(), burst, SimConfig(noise=0.02))
+    admitted = [r for r in results if r.admitted]
+    assert 10 < len(admitted) < 400 and all(r.met for r in admitted)
+    refused = next(r.outcome for r in results if not r.admitted)
+    assert refused.reason == "overloaded" and "(the default: the request set none)" in refused.message

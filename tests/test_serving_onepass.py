@@ -3,6 +3,7 @@ per-request noise, uint8 conversion, the serving runtime over a real store versi
 from __future__ import annotations
 
 import asyncio
+import os
 
 import numpy as np
 import pytest
@@ -249,6 +250,22 @@ def test_per_request_noise_depends_on_the_seed_only():
     np.testing.assert_allclose(draw_inputs(flow, 0, 2, 1, temperature=0.5)["z"], 0.5 * draw_inputs(flow, 0, 2, 1)["z"])
 
 
+@pytest.mark.parametrize("family", ["gan", "vae", "flow"])
+def test_per_image_seeds_and_classes_give_each_row_as_its_one_image_request(family):
+    """n seeds and classes (a KServe v2 request): row i of every input is what seed i and class i give alone."""
+    contract = contracts_for(family, {})[0]
+    classes, seeds = [3, 10, 3], [7, 8, 7]
+    rows = draw_inputs(contract, classes, 3, seeds, temperature=0.7)
+    alone = [draw_inputs(contract, c, 1, s, temperature=0.7) for c, s in zip(classes, seeds)]
+    assert rows.keys() == alone[0].keys()
+    for name in rows:
+        np.testing.assert_array_equal(rows[name], np.concatenate([a[name] for a in alone]))
+    assert rows["y"].dtype == np.int64 and rows["y"].tolist() == classes
+    np.testing.assert_array_equal(draw_inputs(contract, 3, 3, seeds)["z"] * np.float32(0.7), rows["z"])
+    with pytest.raises(ValueError, match="n = 3 images takes one seed and class id, or n of them"):
+        draw_inputs(contract, 3, 3, [1, 2])
+
+
 def test_outputs_become_uint8_images_like_families_common():
     gan, vae = contracts_for("gan", {})[0], contracts_for("vae", {})[0]
     x = np.array([-2.0, -1.0, 0.0, 0.5, 1.0, 3.0], np.float32).reshape(6, 1, 1, 1) * np.ones((1, 1, 28, 28), np.float32)
@@ -258,7 +275,7 @@ def test_outputs_become_uint8_images_like_families_common():
 
 
 def test_threads_follow_the_replica_cpus():
-    assert [threads_for(c) for c in (None, 0, 0.5, 1, 2, 3.9)] == [1, 1, 1, 1, 2, 3]
+    assert [threads_for(c).reserved for c in (None, 0, 0.5, 1, 2, 3.9)] == [1, 1, 1, 1, 2, 3]
 
 
 def test_up_command_reads_the_one_serve_config():
@@ -267,7 +284,7 @@ def test_up_command_reads_the_one_serve_config():
     import yaml
 
     from genserve.launch import on_one_node
-    from genserve.up import _requested_cpus, register, run_up
+    from genserve.up import local_cpus, register, run_up
     from serving.config import DEFAULT_CONFIG
 
     parser = argparse.ArgumentParser()
@@ -282,5 +299,6 @@ def test_up_command_reads_the_one_serve_config():
     for d in app["deployments"][1:]:
         config_cls = IterativeConfig if d["name"] in ("diffusion", "pixelcnn") else OnePassConfig
         config_cls.from_dict(d["user_config"])  # every user_config is valid
-    # a CPU per model replica; the ingress a tenth, which keeps it off a KubeRay head started with num-cpus 0
-    assert _requested_cpus(on_one_node(config)) == len(models) + 0.1
+    # a CPU per model replica; the ingress a tenth, which keeps it off a KubeRay head started with num-cpus 0;
+    # Ray is told a whole number of CPUs (it refuses 5.1)
+    assert local_cpus(on_one_node(config)) == max(len(models) + 1, os.cpu_count())

@@ -8,9 +8,9 @@
   follow load that the policy did not admit itself (another ingress replica, requests in flight at start);
   a replica whose model failed to load answers why instead, and its model leaves `auto`'s choices and is
   refused at once (503) until a read finds it serving.
-- Every request has a deadline, admitted against like an SLO: the tightest of its latency_slo_ms, the
-  client's own timeout (the X-Request-Timeout-Ms header, `client_timeout_s`) and, when it sets neither, the
-  ingress timeout.
+- Every request has a deadline, admitted against like an SLO: the tightest of its latency_slo_ms and the
+  client's own timeout (the X-Request-Timeout-Ms header, `client_timeout_s`); when it sets neither, the
+  policy's default (AppArgs.default_slo_ms; PolicyConfig says how), which the job then carries.
 
 One Admission per ingress replica, used from its one event loop (the policy is not thread-safe)."""
 import asyncio
@@ -29,9 +29,20 @@ from serving.errors import ModelUnavailable
 from serving.policy import Decision, Hints, LiveState, Outcome, Policy, PolicyConfig, Rejection, ServedModel
 
 LIVE_PERIOD_S = 0.2    # how often replicas' load is read: a diffusion step at full batch is ~0.15 s here
-# Of a client's SLO, what the ingress leaves for the proxy hop in and the answer's way out, which its clock
-# does not see: a real load ramp here measured a median 29 ms between the client's and the ingress's times
+# Of a client's SLO, what the ingress leaves for the answer's way out (and for the hop in, when the request
+# carries no START_HEADER), which its clock does not see: a real load ramp here measured a median 29 ms
+# between the client's and the ingress's times
 EDGE_MS = 20.0
+
+# When the request left its client or reached the first load balancer, as a Unix time: "t=<seconds>", as
+# nginx writes it (proxy_set_header X-Request-Start "t=${msec}"), or in ms or us (as New Relic reads it).
+# The time between then and the ingress (the proxy's queue under load, the network) is spent from the
+# request's SLO and client timeout, so the policy plans with what is really left. A value in the future or
+# over a minute old is a clock that disagrees with ours: ignored, not trusted (and never a 400: a load
+# balancer, not the client, may have set it).
+START_HEADER = "X-Request-Start"
+MAX_START_AGE_S = 60.0
+_spent_before: ContextVar[float] = ContextVar("genserve_spent_before", default=0.0)
 
 # The client's own timeout for one request, in milliseconds, from its arrival at the ingress (an HTTP header;
 # gRPC clients may send it as metadata). The OpenAI client's timeout= only closes the connection, which
@@ -45,6 +56,26 @@ _client_timeout: ContextVar[tuple[float, str] | None] = ContextVar("genserve_cli
 def note_client_timeout(value: str | None, arrival: float) -> None:
     """The request in flight carries a client timeout (TIMEOUT_HEADER's value; None: it has none)."""
     _client_timeout.set(None if value is None else (arrival, value))
+
+
+def note_request_start(value: str | None, arrival: float) -> None:
+    """The request in flight carries START_HEADER's value (None: it has none); arrival on time.time()."""
+    _spent_before.set(_seconds_since(value, arrival) if value else 0.0)
+
+
+def spent_before_ingress_s() -> float:
+    """Seconds of the request's budget spent before the ingress saw it (0 without START_HEADER)."""
+    return _spent_before.get()
+
+
+def _seconds_since(value: str, now: float) -> float:
+    try:
+        t = float(value.strip().removeprefix("t="))
+    except ValueError:
+        return 0.0
+    t /= 1e6 if t > 1e14 else 1e3 if t > 1e11 else 1.0  # us, ms or s since the epoch
+    spent = now - t
+    return spent if 0.0 <= spent <= MAX_START_AGE_S else 0.0
 
 
 def client_timeout_s() -> float | None:
@@ -64,15 +95,16 @@ def client_timeout_s() -> float | None:
 
 
 class Admission:
-    def __init__(self, manifests: dict[str, Manifest], timeout_s: float):
+    def __init__(self, manifests: dict[str, Manifest], default_slo_ms: float = PolicyConfig.default_slo_ms):
         self.policy = Policy([ServedModel(name, m) for name, m in manifests.items()],
-                             PolicyConfig(default_slo_ms=timeout_s * 1000, edge_ms=EDGE_MS))
+                             PolicyConfig(default_slo_ms=default_slo_ms, edge_ms=EDGE_MS))
         self._candidates = list(self.policy.candidates)  # every served model's, for when one comes back
         self.unavailable: dict[str, str] = {}  # model -> why its replica cannot serve it, as its stats() said
         self._live: asyncio.Task | None = None
 
     def admit(self, model: str, job: GenerationJob, hints: PolicyHints | None = None) -> tuple[Decision, GenerationJob]:
-        """On arrival: the decision and the job to send (the chosen model's settings filled in). Raises
+        """On arrival: the decision and the job to send (the chosen model's settings filled in, and the default
+        deadline when it had none: the SLO it was admitted against, at the ingress). Raises
         APIError 429 (Retry-After when waiting helps), 503 (the model named failed to load) or 400 (no
         served model can do what was asked)."""
         if model in self.unavailable:
@@ -85,7 +117,8 @@ class Admission:
         outcome = self.policy.decide(ask, time.monotonic())
         if isinstance(outcome, Rejection):
             raise APIError(outcome.http_status, outcome.message, code=outcome.reason, retry_after_s=outcome.retry_after_s)
-        return outcome, dataclasses.replace(job, setting=outcome.setting)
+        default = None if outcome.best_effort else outcome.slo_ms / 1000  # best effort: late rather than dropped
+        return outcome, dataclasses.replace(job, setting=outcome.setting, timeout_s=job.timeout_s or default)
 
     def finish(self, decision: Decision, outcome: Outcome) -> dict[str, Any]:
         """When the request ended, however: the response's account of the choice, with the actual latency."""

@@ -23,7 +23,8 @@ from ray.serve.handle import DeploymentHandle
 
 from serving.api.http import api, logger
 from model_store.manifest import Manifest
-from serving.api.admission import TIMEOUT_HEADER, Admission, Outcome, client_timeout_s, note_client_timeout
+from serving.api.admission import (START_HEADER, TIMEOUT_HEADER, Admission, Outcome, client_timeout_s,
+                                   note_client_timeout, note_request_start, spent_before_ingress_s)
 from serving.api.jobs import GenerationJob, GenerationResult, ImagesJob, InterpolationJob, PolicyHints
 from serving.api.errors import APIError
 from serving.api import family_routes, kserve_http, openai_routes, playground
@@ -55,20 +56,21 @@ api.include_router(kserve_http.router)
 
 
 class ClientTimeout:
-    """ASGI middleware: notes each HTTP request's X-Request-Timeout-Ms (serving.api.admission) for the ingress's
-    generate / operate, which read it in the request's own context."""
+    """ASGI middleware: notes each HTTP request's X-Request-Timeout-Ms and X-Request-Start (serving.api.admission)
+    for the ingress's generate / operate, which read them in the request's own context."""
 
     def __init__(self, app):
         self.app = app
 
     async def __call__(self, scope, receive, send):
         if scope["type"] == "http":
-            value = next((v.decode("latin-1") for k, v in scope["headers"] if k == _TIMEOUT_KEY), None)
-            note_client_timeout(value, time.monotonic())
+            headers = {k: v.decode("latin-1") for k, v in scope["headers"] if k in (_TIMEOUT_KEY, _START_KEY)}
+            note_client_timeout(headers.get(_TIMEOUT_KEY), time.monotonic())
+            note_request_start(headers.get(_START_KEY), time.time())
         await self.app(scope, receive, send)
 
 
-_TIMEOUT_KEY = TIMEOUT_HEADER.lower().encode()
+_TIMEOUT_KEY, _START_KEY = TIMEOUT_HEADER.lower().encode(), START_HEADER.lower().encode()
 api.add_middleware(ClientTimeout)
 
 
@@ -77,13 +79,13 @@ api.add_middleware(ClientTimeout)
 @serve.ingress(api)
 class Ingress(GRPCInferenceService):  # gRPC: Serve's proxy calls the method named after the RPC
     def __init__(self, models: dict[str, DeploymentHandle], manifests: dict[str, Manifest], timeout_s: float,
-                 admission: bool = True):
+                 admission: bool = True, default_slo_ms: float = 3000.0):
         """models: name -> handle of its deployment; manifests: name -> its version's manifest (family,
         quality, latency profile: the policy's inputs), read from the store at build. admission False: no
         policy (explicit models only, nothing refused), for the benchmarks' plain baseline."""
         self.models, self.timeout_s = models, timeout_s
         self.families = {name: m.family for name, m in manifests.items()}
-        self.admission = Admission(manifests, timeout_s) if admission else None
+        self.admission = Admission(manifests, default_slo_ms) if admission else None
         self.v2 = OpenInference(self)  # KServe v2's operations, for its HTTP routes and gRPC methods
 
     def check_health(self) -> None:
@@ -101,6 +103,8 @@ class Ingress(GRPCInferenceService):  # gRPC: Serve's proxy calls the method nam
         nothing can meet the deadline, the model call's errors otherwise)."""
         if (left := client_timeout_s()) is not None:  # the client's timeout is the deadline if tighter
             jobs = [dataclasses.replace(j, timeout_s=min(j.timeout_s or left, left)) for j in jobs]
+        if spent := spent_before_ingress_s():  # X-Request-Start: the budget counts from the client's side
+            jobs = [dataclasses.replace(j, timeout_s=max(0.001, j.timeout_s - spent)) if j.timeout_s else j for j in jobs]
         if self.admission is None:
             if model == AUTO:
                 raise APIError(400, "model 'auto' needs the policy, which this application runs without "
@@ -112,8 +116,8 @@ class Ingress(GRPCInferenceService):  # gRPC: Serve's proxy calls the method nam
         record_decision(decision.label)
         outcome = Outcome.FAILED
         try:
-            results = await _all(self.generate_with(decision.model, dataclasses.replace(job, setting=chosen.setting))
-                                 for job in jobs)
+            results = await _all(self.generate_with(decision.model, dataclasses.replace(
+                job, setting=chosen.setting, timeout_s=chosen.timeout_s)) for job in jobs)
             outcome = Outcome.OK
         except APIError as err:
             outcome = Outcome.EXPIRED if err.status == 504 else Outcome.FAILED

@@ -3,6 +3,7 @@ API (OpenAI today, KServe next) is translated to. Jobs are validated at the edge
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -10,10 +11,15 @@ from core.settings import SamplingSetting
 from model_store.manifest import Manifest
 from serving.operations import operations_of
 
+if TYPE_CHECKING:  # the ingress imports this module, and must not import ONNX Runtime
+    from serving.runtime import Threads
+
 
 @dataclass(frozen=True)
 class GenerationJob:
-    """n images from one model, validated by the API layer."""
+    """n images from one model, validated by the API layer. One seed (and class) for all n images, or one per
+    image (KServe v2): image i of a job with `seeds` is then the image of the 1-image job with seed seeds[i]
+    and class class_ids[i], whatever else the job holds."""
 
     class_id: int                        # 0..9, or NULL_CLASS (10) for unconditional
     n: int                               # images, >= 1 (a one-pass request larger than a batch spans several)
@@ -21,6 +27,10 @@ class GenerationJob:
     # diffusion's sampler, steps, guidance_scale: the request's own or the policy's; None fields = the default
     setting: SamplingSetting = SamplingSetting()
     timeout_s: float | None = None       # latency SLO from arrival at the replica; None = no deadline there
+    seeds: tuple[int, ...] | None = None      # n: image i's own generator's seed (seed is then ignored)
+    # n: image i's class. class_id is then the one admission costs the job by: a conditional one if any image
+    # has one, as a guided image takes two rows
+    class_ids: tuple[int, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -72,19 +82,20 @@ class ModelInfo:
     created_at: str             # the version's publish time, ISO 8601 UTC
     path: str                   # "one-pass" | "iterative"
     provider: str               # ONNX Runtime's execution provider
-    threads: int                # intra-op threads per session
+    threads: int                # intra-op threads per session: the replica's reserved CPUs
     settings: dict              # the deployment's live user_config
     operations: tuple[str, ...] = ("generate",)  # what it does: + interpolate, reconstruct (vae), likelihood
     metrics: dict = field(default_factory=dict)  # quality from `genserve evaluate` (manifest, by_setting left out)
     latency: dict | None = None  # the manifest's latency profile: ms per forward per graph and batch, machine
+    node_threads: int | None = None  # threads while its node's other replicas are idle (serving.runtime.cores)
 
     @classmethod
-    def describe(cls, manifest: Manifest, *, path: str, provider: str, threads: int, settings: dict) -> ModelInfo:
+    def describe(cls, manifest: Manifest, *, path: str, provider: str, threads: Threads, settings: dict) -> ModelInfo:
         """A served version, from its manifest: identity, operations, quality and latency profile."""
-        return cls(manifest.model, manifest.version, manifest.family, manifest.created_at, path, provider, threads,
-                   settings, operations_of(manifest.family),
+        return cls(manifest.model, manifest.version, manifest.family, manifest.created_at, path, provider,
+                   threads.reserved, settings, operations_of(manifest.family),
                    {k: v for k, v in manifest.metrics.items() if k != "by_setting"},
-                   manifest.latency.to_dict() if manifest.latency else None)
+                   manifest.latency.to_dict() if manifest.latency else None, threads.node)
 
 
 # ---- the families' own operations (serving/operations.py has their maths) -------------------------------

@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 
 from core.checks import is_int
-from core.contracts import IMAGE_SHAPE
+from core.contracts import IMAGE_SHAPE, NULL_CLASS
 from serving.api.errors import invalid, model_not_found
 from serving.api.jobs import GenerationJob, ModelInfo, PolicyHints
 from serving.api.validation import (AUTO, MAX_N, MAX_TIMEOUT_US, POLICY_HINTS, SAMPLING_EXTRAS, check_class_id,
@@ -98,7 +98,7 @@ class InferRequest:
     model: str                         # a served model, or "auto": the policy chooses
     version: str                       # "": whatever version is served
     id: str                            # echoed in the response
-    jobs: tuple[GenerationJob, ...]    # one per image, n=1 each: image i depends on nothing but its own row
+    jobs: tuple[GenerationJob, ...]    # one job of n images with per-image seeds; a job per image for a PixelCNN
     drawn_seed: int | None             # the seed of image 0 when the request gave none (image i: drawn_seed + i)
     hints: PolicyHints                 # quality (tier), goal, best_effort, max_fd, min_class_accuracy
 
@@ -136,8 +136,21 @@ def parse_infer(name: str, version: str, request_id: str, inputs: list[tuple[str
     if timeout_us:
         options["timeout_s"] = min(timeout_us / 1e6, options["timeout_s"] or math.inf)
     hints = policy_hints(parameters)  # its messages name the parameter, as v2's {"error": message} needs
-    jobs = tuple(GenerationJob(class_id=c, n=1, seed=check_seed(s), **options) for c, s in zip(class_ids, seeds))
+    seeds = [check_seed(s) for s in seeds]
+    if _may_reach_pixelcnn(model, families):  # its stepper draws from one generator per request (see below)
+        jobs = tuple(GenerationJob(class_id=c, n=1, seed=s, **options) for c, s in zip(class_ids, seeds))
+    else:  # one job, each image from its own seed and class (a single one where they are all the same)
+        jobs = (GenerationJob(class_id=next((c for c in class_ids if c != NULL_CLASS), NULL_CLASS), n=len(seeds),
+                              seed=seeds[0], seeds=tuple(seeds) if len(seeds) > 1 else None,
+                              class_ids=tuple(class_ids) if len(set(class_ids)) > 1 else None, **options),)
     return InferRequest(name, model, version, request_id, jobs, drawn, hints)
+
+
+def _may_reach_pixelcnn(model: str, families: dict[str, str]) -> bool:
+    """Whether the request may run on a PixelCNN: its model is one, or it is `auto` and one is served. Until
+    serving/engine/pixelcnn.py samples each image from its own generator and class (DiffusionStepper does),
+    such a request is a 1-image job per image."""
+    return families.get(model) == "pixelcnn" or (model == AUTO and "pixelcnn" in families.values())
 
 
 # ---- the protocol's operations -----------------------------------------------------------------------------
@@ -251,8 +264,8 @@ class OpenInference:
             raise
         stats = self.stats[results[0].model]  # auto's requests count under the model that served them
         stats.success.add(time.perf_counter_ns() - start)
-        stats.compute.add(int(max(r.replica_ms for r in results) * 1e6))  # the rows ran concurrently
-        stats.inference_count += len(results)
+        stats.compute.add(int(max(r.replica_ms for r in results) * 1e6))  # the jobs ran concurrently
+        stats.inference_count += sum(len(r.images) for r in results)
         stats.execution_count += 1
         stats.last_inference_ms = int(time.time() * 1000)
         first = results[0]

@@ -33,7 +33,7 @@ from google.protobuf.message import DecodeError
 
 from core.protos.parameters import parameter_value, set_parameter
 from serving.api import auth
-from serving.api.admission import TIMEOUT_HEADER, note_client_timeout
+from serving.api.admission import START_HEADER, TIMEOUT_HEADER, note_client_timeout, note_request_start
 from serving.api.errors import APIError, invalid
 from serving.api.kserve import IMAGE, OUTPUTS, decode_input, parse_infer
 from serving.api.validation import max_body_bytes, resolve_model
@@ -107,6 +107,7 @@ def _answers(response: str):
                 # a client timeout in the metadata becomes the request's deadline, as HTTP's header does (the
                 # gRPC deadline itself cancels the call through the proxy, but Serve does not pass its value on)
                 note_client_timeout(metadata.get(TIMEOUT_HEADER.lower()), time.monotonic())
+                note_request_start(metadata.get(START_HEADER.lower()), time.time())
                 if method.__name__ not in auth.OPEN_RPCS:
                     auth.check_authorization(metadata.get("authorization"))
                 if isinstance(request, Undecodable):

@@ -115,7 +115,8 @@ def model_object(info: ModelInfo) -> dict[str, Any]:
     created = int(datetime.fromisoformat(info.created_at).timestamp())
     return {"id": info.name, "object": "model", "created": created, "owned_by": "genserve",
             "family": info.family, "version": info.version, "path": info.path, "provider": info.provider,
-            "threads": info.threads, "settings": info.settings, "operations": list(info.operations),
+            "threads": info.threads,
+            "node_threads": info.node_threads, "settings": info.settings, "operations": list(info.operations),
             "metrics": info.metrics, "latency": info.latency}
 
 

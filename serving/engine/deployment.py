@@ -92,7 +92,10 @@ class IterativeDeployment:
             s = SamplingSetting(s.sampler or DPMPP_2M, s.steps or 20,
                                 1.0 if s.guidance_scale is None else float(s.guidance_scale))
             return DiffusionRequest(class_id=job.class_id, seed=job.seed, n=job.n, deadline=deadline, sampler=s.sampler,
-                                    steps=s.steps, guidance_scale=s.guidance_scale), s
+                                    steps=s.steps, guidance_scale=s.guidance_scale, class_ids=job.class_ids,
+                                    seeds=job.seeds), s
+        if job.seeds is not None or job.class_ids is not None:  # the PixelCNN stepper draws per request
+            raise ValueError(f"{self.model.name}: a PixelCNN job takes one seed and class for all its images")
         s = SamplingSetting(temperature=float(default.temperature or 1.0))
         return PixelCNNRequest(class_id=job.class_id, seed=job.seed, n=job.n, deadline=deadline,
                                temperature=s.temperature), s
@@ -113,9 +116,10 @@ class IterativeDeployment:
 
     @unless_unavailable
     async def log_likelihood(self, job: ImagesJob) -> LikelihoodResult:
-        """pixelcnn: exact bits/dim of each image from ONE teacher-forced forward of the logits graph (the
-        whole image in, every pixel's distribution out), beside the engine rather than through its step
-        loop, in chunks of max_batch_rows. ValueError (HTTP 400) on diffusion, which has no likelihood."""
+        """pixelcnn: exact bits/dim of each image from ONE teacher-forced forward of the `logits` graph (the
+        whole image in, every pixel's distribution out; the engine samples with `step`, one pixel per row),
+        beside the engine rather than through its step loop, in chunks of max_batch_rows. ValueError (HTTP
+        400) on diffusion, which has no likelihood."""
         start = time.perf_counter()
         if self.model.family != "pixelcnn":
             raise ValueError(f"{self.model.name} is a {self.model.family} model; likelihood needs a flow or "

@@ -1,19 +1,18 @@
 """The diffusion family around the forward pass: lay the planned requests out as denoiser rows, and
 apply each request's own sampler step (DDIM or DPM-Solver++(2M)) to what the forward returned.
 
-Row layout: requests in plan order, each taking a contiguous block: its n conditional rows, then,
-when guided, its n unconditional rows (class NULL_CLASS) at the same x_t and t. So classifier-free
-guidance costs rows in the SAME forward, never a second one.
+Row layout: requests in plan order, each taking a contiguous block: its n conditional rows, then an
+unconditional row (class NULL_CLASS) at the same x_t and t for each of its guided images, in order. So
+classifier-free guidance costs rows in the SAME forward, never a second one.
 """
 
 from __future__ import annotations
 
 import torch
 
-from core.contracts import NULL_CLASS
 from core.samplers import (FINAL_TIMESTEP, SAMPLERS, StepRows, alphas_at, classifier_free_guidance,
                            linear_alphas_cumprod)
-from serving.engine.request import DiffusionState
+from serving.engine.request import DiffusionState, randn_rows
 from serving.engine.runner import DenoiseRunner
 from serving.engine.scheduler import StepPlan
 
@@ -33,13 +32,12 @@ class DiffusionStepper:
         """Runs once per step, off the event loop: ONE forward over plan.num_rows rows -> eps [R, 1, 28, 28]."""
         xs, ts, ys = [], [], []
         for s in plan.requests:
-            n, t = s.request.n, s.timesteps[s.steps_done]
-            copies = 2 if s.request.guided else 1
-            xs += [s.x] * copies
-            ts.append(torch.full((n * copies,), t, dtype=torch.int64))
-            ys.append(torch.full((n,), s.request.class_id, dtype=torch.int64))
-            if s.request.guided:
-                ys.append(torch.full((n,), NULL_CLASS, dtype=torch.int64))
+            n = s.request.n
+            xs.append(s.x)
+            if s.rows > n:  # the guided images' x again, for their unconditional rows
+                xs.append(s.x if s.rows == 2 * n else s.x[s.guided])
+            ts.append(torch.full((s.rows,), s.timesteps[s.steps_done], dtype=torch.int64))
+            ys.append(s.y)
         return self.runner.execute(torch.cat(xs), torch.cat(ts), torch.cat(ys))
 
     def update(self, plan: StepPlan, eps_rows: torch.Tensor) -> None:
@@ -53,8 +51,9 @@ class DiffusionStepper:
             n = s.request.n
             cond.append(torch.arange(row, row + n))
             # unguided: the conditional row doubles as the unconditional one, and ε_c + 1·0 = ε_c exactly
-            uncond.append(torch.arange(row + n, row + 2 * n) if s.request.guided else cond[-1])
-            scale.append(torch.full((n,), s.request.guidance_scale if s.request.guided else 1.0))
+            uncond.append(cond[-1].clone())
+            uncond[-1][s.guided] = torch.arange(row + n, row + s.rows)
+            scale.append(torch.where(s.guided, float(s.request.guidance_scale), 1.0))
             row += s.rows
         eps = classifier_free_guidance(eps_rows[torch.cat(cond)], eps_rows[torch.cat(uncond)], torch.cat(scale))
 
@@ -86,12 +85,12 @@ class DiffusionStepper:
 
 
 def _step_noise(states: list[DiffusionState]) -> torch.Tensor | None:
-    """Step noise for stochastic (eta > 0) requests, from each one's own generator: one randn([n, 1, 28, 28])
-    per step, as loop.sample draws it; rows with eta = 0 get zeros (σ = 0 adds exactly 0). None when no
-    request needs any."""
+    """Step noise for stochastic (eta > 0) requests, from each one's own generator(s): one randn([n, 1, 28, 28])
+    per step, as loop.sample draws it (a row from each image's own, with per-image seeds); rows with eta = 0
+    get zeros (σ = 0 adds exactly 0). None when no request needs any."""
     if not any(s.request.eta > 0 for s in states):
         return None
-    return torch.cat([torch.randn(s.x.shape, generator=s.generator) if s.request.eta > 0 else torch.zeros_like(s.x)
+    return torch.cat([randn_rows(s.generators, s.x.shape) if s.request.eta > 0 else torch.zeros_like(s.x)
                       for s in states])
 
 

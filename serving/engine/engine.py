@@ -54,6 +54,7 @@ class EngineCore:
         self.metrics = EngineMetrics(max_rows=max_rows)
         self._lock = threading.Lock()
         self._next_id = 0
+        self._step_s: float | None = None  # the last forward's time on `clock`: what pre-emption plans with
 
     def add_request(self, request: Request, request_id: str | None = None) -> str:
         """Queue a validated request; it joins the batch at the next step with room. Returns its id.
@@ -93,10 +94,11 @@ class EngineCore:
         (cancelled, expired), finished by it, or failed with it (the exception goes to every request
         in the batch, and the engine carries on with the next step)."""
         with self._lock:
-            plan = self.scheduler.schedule(self.clock())
+            plan = self.scheduler.schedule(self.clock(), self._step_s)
+            self.metrics.preempted += len(plan.preempted)
         outputs = [self._output(s) for s in plan.dropped]
         if plan.requests:
-            start = time.perf_counter()
+            start, started = time.perf_counter(), self.clock()
             try:
                 out = self.stepper.execute(plan)
                 self.stepper.update(plan, out)
@@ -109,6 +111,7 @@ class EngineCore:
                     finished = self.scheduler.update(plan)
                 outputs += [self._output(s) for s in finished]
             self.metrics.record_step(plan.num_rows, time.perf_counter() - start, plan.max_rows)
+            self._step_s = (self.clock() - started) or None
         with self._lock:
             self.metrics.record_load(self.scheduler.running, list(self.scheduler.waiting))
         for output in outputs:

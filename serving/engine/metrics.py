@@ -31,6 +31,7 @@ class EngineMetrics:
     row_steps: int = 0
     added: int = 0
     refused: int = 0                    # turned away: the waiting queue was at max_waiting_rows
+    preempted: int = 0                  # pauses of a running request for a shorter one (Scheduler)
     finished: int = 0
     cancelled: int = 0
     expired: int = 0
@@ -53,7 +54,7 @@ class EngineMetrics:
         """Runs at the end of every step, after finished requests were freed."""
         self.running, self.queue_length = len(running), len(waiting)
         self.steps_in_flight = sum(s.steps_total - s.steps_done for s in running)
-        self.steps_queued = sum(s.steps_total for s in waiting)
+        self.steps_queued = sum(s.remaining for s in waiting)  # a pre-empted request has done some
         self.rows_queued = sum(s.rows for s in waiting)
         if not running:
             self.rows, self.batch_occupancy = 0, 0.0

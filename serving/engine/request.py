@@ -37,6 +37,17 @@ def _check_common(class_id: int, seed: int, n: int, deadline: float | None) -> N
         raise ValueError(f"deadline must be a finite time.monotonic() value or None, got {deadline!r}")
 
 
+def _check_per_image(class_ids: tuple[int, ...] | None, seeds: tuple[int, ...] | None, n: int) -> None:
+    """Per-image class ids and seeds: None, or n values each valid as class_id / seed."""
+    for name, values in (("class_ids", class_ids), ("seeds", seeds)):
+        if values is not None and (not isinstance(values, tuple) or len(values) != n):
+            raise ValueError(f"{name} must be None or a tuple of n = {n} values, got {values!r}")
+    for class_id in class_ids or ():
+        _check_common(class_id, 0, 1, None)
+    for seed in seeds or ():
+        _check_common(0, seed, 1, None)
+
+
 @dataclass(frozen=True)
 class DiffusionRequest:
     """n images of one class from the diffusion denoiser; validated on construction."""
@@ -49,9 +60,14 @@ class DiffusionRequest:
     seed: int = 0                  # seeds the request's own generator: x_T and DDIM noise
     n: int = 1                     # images
     deadline: float | None = None  # absolute time.monotonic(); past it the request is dropped
+    # per image, n each (None: class_id / seed for all n): image i is then the image of the 1-image request
+    # with class class_ids[i] and seed seeds[i], drawn from a generator of its own
+    class_ids: tuple[int, ...] | None = None
+    seeds: tuple[int, ...] | None = None
 
     def __post_init__(self):
         _check_common(self.class_id, self.seed, self.n, self.deadline)
+        _check_per_image(self.class_ids, self.seeds, self.n)
         if self.sampler not in SAMPLERS:
             raise ValueError(f"sampler must be one of {tuple(SAMPLERS)}, got {self.sampler!r}")
         if not _int_in(self.steps, 1, NUM_TRAIN_TIMESTEPS):
@@ -64,15 +80,20 @@ class DiffusionRequest:
             raise ValueError(f"eta applies only to the 'ddim' sampler, got eta={self.eta} with {self.sampler!r}")
 
     @property
-    def guided(self) -> bool:
+    def classes(self) -> tuple[int, ...]:
+        """Each image's class."""
+        return self.class_ids if self.class_ids is not None else (self.class_id,) * self.n
+
+    @property
+    def guided_images(self) -> tuple[bool, ...]:
         """Whether each image needs an unconditional row too. For NULL_CLASS both rows would be the
         same forward, and ε_u + s (ε_u - ε_u) = ε_u whatever s: one row does."""
-        return self.guidance_scale != 1.0 and self.class_id != NULL_CLASS
+        return tuple(self.guidance_scale != 1.0 and c != NULL_CLASS for c in self.classes)
 
     @property
     def rows(self) -> int:
         """Denoiser rows this request takes in every forward: the unit of the batch budget."""
-        return self.n * (2 if self.guided else 1)
+        return self.n + sum(self.guided_images)
 
 
 @dataclass(frozen=True)
@@ -81,6 +102,7 @@ class PixelCNNRequest:
 
     class_id: int                  # 0..9, or NULL_CLASS for unconditional
     temperature: float = 1.0       # logits are divided by it: < 1 sharper, > 1 more diverse
+    guidance_scale: float = 1.0    # classifier-free guidance s on the logits; 1 = plain conditional, one row
     seed: int = 0                  # seeds the request's own generator: one uniform per image per pixel
     n: int = 1                     # images
     deadline: float | None = None  # absolute time.monotonic(); past it the request is dropped
@@ -89,11 +111,19 @@ class PixelCNNRequest:
         _check_common(self.class_id, self.seed, self.n, self.deadline)
         if not (isinstance(self.temperature, (int, float)) and 0.0 < self.temperature < math.inf):
             raise ValueError(f"temperature must be a finite number > 0, got {self.temperature!r}")
+        if not (isinstance(self.guidance_scale, (int, float)) and 0.0 <= self.guidance_scale < math.inf):
+            raise ValueError(f"guidance_scale must be a finite number >= 0, got {self.guidance_scale!r}")
+
+    @property
+    def guided(self) -> bool:
+        """Whether each image needs an unconditional row too: not for NULL_CLASS, whose guided logits
+        l_u + s (l_u - l_u) are its own."""
+        return self.guidance_scale != 1.0 and self.class_id != NULL_CLASS
 
     @property
     def rows(self) -> int:
-        """PixelCNN rows this request takes in every forward: one per image."""
-        return self.n
+        """PixelCNN rows this request takes in every forward: one per image, two when guided."""
+        return self.n * (2 if self.guided else 1)
 
 
 Request = DiffusionRequest | PixelCNNRequest
@@ -104,10 +134,12 @@ class DiffusionState(RequestState):
     """A diffusion request in the engine: its x_t and its sampler's history."""
 
     request: DiffusionRequest
-    generator: torch.Generator                          # the request's own, seeded from request.seed
+    generators: list[torch.Generator]                   # the request's own: one from request.seed, or one per image
     timesteps: list[int] = field(default_factory=list)  # descending training timesteps, one per step
     x: torch.Tensor | None = None                       # [n, 1, 28, 28] float32: x_t, then x_0 when done
     solver: Any = None                                  # the sampler's state of the n images (SAMPLERS[..].state)
+    guided: torch.Tensor | None = None                  # [n] bool: the images with an unconditional row
+    y: torch.Tensor | None = None                       # [rows] int64: each denoiser row's class (DiffusionStepper)
 
 
 @dataclass(eq=False, kw_only=True)
@@ -122,18 +154,33 @@ class PixelCNNState(RequestState):
 def make_state(request_id: str, request: Request, now: float) -> RequestState:
     """The state of a newly added request. x_T is drawn here as randn([n, 1, 28, 28], generator) from a
     fresh generator seeded with request.seed, before any step noise: exactly what
-    `loop.sample(x_T=randn(shape, generator=g), generator=g)` and families.diffusion.sample do."""
-    generator = torch.Generator().manual_seed(request.seed)
+    `loop.sample(x_T=randn(shape, generator=g), generator=g)` and families.diffusion.sample do. With per-image
+    seeds, each image's generator draws its row as that 1-image request's would."""
     shape = (request.n, 1, 28, 28)
     common = dict(request_id=request_id, n=request.n, rows=request.rows, arrival=now, deadline=request.deadline,
-                  request=request, generator=generator)
+                  request=request)
     if isinstance(request, DiffusionRequest):
-        x_T = torch.randn(shape, generator=generator)
+        generators = [torch.Generator().manual_seed(s) for s in request.seeds or (request.seed,)]
+        x_T = randn_rows(generators, shape)
+        guided = torch.tensor(request.guided_images)
+        # rows: every image's conditional row (its class), then the guided images' unconditional rows
+        y = torch.tensor(request.classes + (NULL_CLASS,) * int(guided.sum()), dtype=torch.int64)
         return DiffusionState(steps_total=request.steps, timesteps=inference_timesteps(request.steps), x=x_T,
-                              solver=SAMPLERS[request.sampler].state.initial(x_T), **common)
+                              solver=SAMPLERS[request.sampler].state.initial(x_T), generators=generators,
+                              guided=guided, y=y, **common)
     if isinstance(request, PixelCNNRequest):
-        return PixelCNNState(steps_total=NUM_PIXELS, x=torch.zeros(shape), **common)
+        return PixelCNNState(steps_total=NUM_PIXELS, x=torch.zeros(shape),
+                             generator=torch.Generator().manual_seed(request.seed), **common)
     raise TypeError(f"unknown request type {type(request).__name__}")
+
+
+def randn_rows(generators: list[torch.Generator], shape: tuple[int, ...]) -> torch.Tensor:
+    """randn(shape) with its shape[0] rows split evenly over the generators, in order: one generator draws
+    them all (a request with one seed); one per row draws its row as a 1-row request would."""
+    if len(generators) == 1:
+        return torch.randn(shape, generator=generators[0])
+    rows = shape[0] // len(generators)
+    return torch.cat([torch.randn((rows, *shape[1:]), generator=g) for g in generators])
 
 
 @dataclass

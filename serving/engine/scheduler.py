@@ -1,5 +1,6 @@
 """The step scheduler: CPU bookkeeping only. Before each forward it drops requests that were cancelled
-or whose deadline passed and admits waiting ones FCFS up to the row budget; after it, it counts the
+or whose deadline passed, admits waiting ones FCFS up to the row budget, and, when the head of the queue
+does not fit, pre-empts long running requests that can afford to wait for it; after it, it counts the
 step and frees finished requests. It never touches tensors or the model, and imports no torch: the
 policy's simulator runs this Scheduler on a simulated clock, and its latency model admits with
 `admit_fcfs`, the one admission rule of the engine."""
@@ -24,11 +25,20 @@ class StepPlan:
     num_rows: int = 0                                           # forward rows: sum of requests' rows
     max_rows: int = 0                                           # the row budget this plan was made under
     num_waiting: int = 0                                        # queue length after admission
+    preempted: list[str] = field(default_factory=list)         # ids paused at this step, back in the queue
 
 
 class Scheduler:
-    """FCFS with a row budget. A request takes `state.rows` rows for its whole life (n, or 2n when
-    guided), so the batch size of every forward is known at admission."""
+    """FCFS with a row budget, and pre-emption at step boundaries. A request takes `state.rows` rows for its
+    whole life (n, or 2n when guided), so the batch size of every forward is known at admission.
+
+    Pre-emption (vLLM's priority scheduling, for a batch whose requests differ 5x in length): when the queue's
+    head does not fit, running requests with more steps left than it are paused, longest first, until it
+    fits, but only those whose deadline survives waiting for it (its steps, at the last step's time, x
+    PREEMPT_SLACK). A paused request keeps its state (a diffusion x_t, the pixels so far) and goes back into
+    the queue right behind the head, so it resumes, not restarts, as soon as there is room: nothing is
+    recomputed. Without it, a 10-step request arriving at a full batch of 50-step ones waits for one of them
+    to finish."""
 
     def __init__(self, max_rows: int, max_waiting_rows: int | None = None):
         self.max_rows = max_rows
@@ -82,9 +92,10 @@ class Scheduler:
         if (state := self.requests.get(request_id)) is not None:
             state.cancel_requested = True
 
-    def schedule(self, now: float) -> StepPlan:
+    def schedule(self, now: float, step_s: float | None = None) -> StepPlan:
         """Runs at the start of every step, `now` on the engine's clock: drop cancelled and expired
-        requests (running or waiting), then admit waiting ones by `admit_fcfs`."""
+        requests (running or waiting), admit waiting ones by `admit_fcfs`, and pre-empt for the head of the
+        queue if it still waits (`step_s`: the last step's seconds; None: no pre-emption)."""
         dropped = []
         for state in (*self.running, *self.waiting):
             if (why := _drop_status(state, now)) is not None:
@@ -95,6 +106,7 @@ class Scheduler:
             self.running = [s for s in self.running if s.status is Status.RUNNING]
             self.waiting = deque(s for s in self.waiting if s.status is Status.WAITING)
 
+        preempted = self._preempt(now, step_s) if step_s else []
         num_rows = sum(s.rows for s in self.running)
         joined = []
         for _ in range(admit_fcfs(num_rows, (s.rows for s in self.waiting), self.max_rows)):
@@ -103,7 +115,34 @@ class Scheduler:
             self.running.append(state)
             num_rows += state.rows
             joined.append(state.request_id)
-        return StepPlan(list(self.running), joined, dropped, num_rows, self.max_rows, len(self.waiting))
+        return StepPlan(list(self.running), joined, dropped, num_rows, self.max_rows, len(self.waiting), preempted)
+
+    def _preempt(self, now: float, step_s: float) -> list[str]:
+        """Pause running requests for the queue's head when it does not fit (see the class docstring); the
+        paused go back into the queue right behind it, fewest steps left first. Returns their ids."""
+        if not self.waiting:
+            return []
+        head = self.waiting[0]
+        free = self.max_rows - sum(s.rows for s in self.running)
+        if head.rows <= free:
+            return []  # it joins by admit_fcfs
+        wait_s = head.remaining * step_s
+        longer = sorted((s for s in self.running if s.remaining > head.remaining
+                         and (s.deadline is None or now + (s.remaining * step_s + wait_s) * PREEMPT_SLACK < s.deadline)),
+                        key=lambda s: -s.remaining)
+        paused = []
+        for state in longer:
+            if free >= head.rows:
+                break
+            paused.append(state)
+            free += state.rows
+        if free < head.rows:
+            return []  # pausing every candidate would still not make room: pause none
+        self.running = [s for s in self.running if s not in paused]
+        for state in paused:  # longest first, each in front of the last: the shortest resumes first
+            state.status = Status.WAITING
+            self.waiting.insert(1, state)
+        return [s.request_id for s in paused]
 
     def update(self, plan: StepPlan) -> list[RequestState]:
         """Runs after the stepper applied the forward's output: count one step for every planned
@@ -130,6 +169,11 @@ class Scheduler:
     def _forget(self, states: list[RequestState]) -> None:
         for state in states:
             del self.requests[state.request_id]
+
+
+# A paused request's deadline must hold with this factor on the wait and on its own remaining steps: a step's
+# time varies with the batch, and a pre-emption that makes its victim late only moves the miss
+PREEMPT_SLACK = 1.5
 
 
 def admit_fcfs(running_rows: int, waiting_rows: Iterable[int], max_rows: int) -> int:

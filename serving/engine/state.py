@@ -35,3 +35,7 @@ class RequestState:
     @property
     def done(self) -> bool:
         return self.steps_done >= self.steps_total
+
+    @property
+    def remaining(self) -> int:
+        return self.steps_total - self.steps_done

@@ -45,7 +45,8 @@ class StepTiming:
         now = time.perf_counter()
         with self._lock:
             for request_id in plan.joined:
-                if request_id in self._first_forward:  # not one another engine core runs over this stepper
+                # not one another engine core runs over this stepper, nor one resuming after a pre-emption
+                if request_id in self._first_forward and self._first_forward[request_id] is None:
                     self._first_forward[request_id] = now
         return self.stepper.execute(plan)
 

@@ -90,7 +90,8 @@ class OnePassDeployment:
     @unless_unavailable
     async def generate(self, job: GenerationJob) -> GenerationResult:
         start = time.perf_counter()
-        feeds = draw_inputs(self.graph.contract, job.class_id, job.n, job.seed, self.temperature)
+        feeds = draw_inputs(self.graph.contract, job.class_ids or job.class_id, job.n, job.seeds or job.seed,
+                            self.temperature)
         x = await self._sample(feeds)  # [n, 1, 28, 28]
         settings = SamplingSetting(temperature=self.temperature) if self.model.family == "flow" else SamplingSetting()
         return GenerationResult(to_images(self.graph.contract, x), self.model.name, self.model.version,

@@ -4,25 +4,30 @@ these rows with other requests' and splits the outputs back, so a request's imag
 its batch-mates."""
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 
 from core.contracts import BATCH, Domain, GraphContract
 
 
-def draw_inputs(contract: GraphContract, class_id: int, n: int, seed: int,
+def draw_inputs(contract: GraphContract, class_id: int | Sequence[int], n: int, seed: int | Sequence[int],
                 temperature: float = 1.0) -> dict[str, np.ndarray]:
     """Inputs of a one-pass graph (gan.generate, vae.decode, flow.sample: z normal, y class) for n images:
     z = temperature * N(0, I) drawn from numpy's Generator(PCG64) seeded with `seed`, all n rows at once,
-    so the same (seed, n) gives the same images whatever else is in the batch."""
-    rng = np.random.default_rng(seed)
+    so the same (seed, n) gives the same images whatever else is in the batch. n seeds instead give row i
+    its own generator, and so the row that seeds[i] gives alone with n = 1; n class ids, row i its class."""
+    rngs = [np.random.default_rng(seed)] if np.ndim(seed) == 0 else [np.random.default_rng(s) for s in seed]
+    if len(rngs) not in (1, n) or np.size(class_id) not in (1, n):
+        raise ValueError(f"draw_inputs: n = {n} images takes one seed and class id, or n of them")
     feeds: dict[str, np.ndarray] = {}
     for spec in contract.inputs:
-        shape = spec.concrete_shape(n)
-        if spec.domain is Domain.NORMAL:
-            z = rng.standard_normal(shape, dtype=np.float32)  # [n, z_dim]
+        if spec.domain is Domain.NORMAL:  # each generator draws its rows of every input in turn, as with n = 1
+            shape = spec.concrete_shape(n // len(rngs))
+            z = np.concatenate([rng.standard_normal(shape, dtype=np.float32) for rng in rngs])  # [n, z_dim]
             feeds[spec.name] = z * np.float32(temperature) if temperature != 1.0 else z
         elif spec.domain is Domain.CLASS_ID:
-            feeds[spec.name] = np.full(shape, class_id, dtype=np.int64)  # [n]
+            feeds[spec.name] = np.broadcast_to(np.asarray(class_id, np.int64), spec.concrete_shape(n)).copy()  # [n]
         else:
             raise ValueError(f"{contract.key}: input {spec.name} ({spec.domain.value}) is not a one-pass input")
     return feeds

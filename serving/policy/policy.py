@@ -34,8 +34,12 @@ AUTO = "auto"
 
 @dataclass(frozen=True)
 class PolicyConfig:
-    # A request without latency_slo_ms gets the ingress timeout (AppArgs.ingress_timeout_s) as its deadline.
-    default_slo_ms: float = 120_000.0
+    # A request without latency_slo_ms (or a client timeout) is held to max(default_slo_ms, default_slo_idle x
+    # its time on an idle replica): admitted only if predicted in time, dropped at it, like any SLO. Without
+    # one, past capacity every request was admitted into an ever longer queue and goodput collapsed (issue 14).
+    # The floor suits interactive generation; the factor leaves long work (PixelCNN: 784 steps) room to queue.
+    default_slo_ms: float = 3000.0
+    default_slo_idle: float = 4.0
     # Start of the fitted per-request overhead (Ray hops, PNG encoding): a few ms on one machine.
     overhead_prior_ms: float = 5.0
     # Weight of the newest observation in the fit: follows a slowdown within ~10-20 requests.
@@ -74,7 +78,7 @@ class Hints:
     model: str = AUTO                      # "auto": the policy chooses; a model name: served as asked, admission only
     n: int = 1                             # images
     class_id: int = 0                      # NULL_CLASS (unconditional) halves a guided diffusion request's rows
-    latency_slo_ms: float | None = None    # from arrival at the ingress; None: PolicyConfig.default_slo_ms
+    latency_slo_ms: float | None = None    # from arrival at the ingress; None: the default (PolicyConfig)
     tier: str | None = None                # draft | standard | best (candidates.TIERS); None = draft
     max_fd: float | None = None            # an explicit floor, with or instead of the tier
     min_class_accuracy: float | None = None
@@ -201,7 +205,6 @@ class Policy:
     def decide(self, hints: Hints, now: float) -> Decision | Rejection:
         """Runs on arrival. A Decision is admitted at once (its work enters the ledger), so the next
         request of a burst already sees it; finish() must follow exactly once."""
-        slo = max(1.0, (hints.latency_slo_ms or self.config.default_slo_ms) - self.config.edge_ms)
         if hints.model == AUTO:
             pool = self._eligible(hints)
             if not pool:
@@ -214,14 +217,14 @@ class Policy:
 
         estimates = []
         for c in pool:  # best quality first: the first that fits is the choice
-            estimates.append(e := self._estimate(c, hints, now, slo))
+            estimates.append(e := self._estimate(c, hints, now, self._slo_ms(c, hints, now)))
             if e.fits:
-                return self._admit(e, hints, now, slo, False, estimates)
+                return self._admit(e, hints, now, False, estimates)
         if hints.best_effort:
             fastest = min(estimates, key=lambda e: e.predicted_ms)
             if math.isfinite(fastest.predicted_ms):
-                return self._admit(fastest, hints, now, slo, True, estimates)
-        return self._too_slow(estimates, hints, now, slo)
+                return self._admit(fastest, hints, now, True, estimates)
+        return self._too_slow(estimates, hints, now)
 
     def finish(self, ticket: int, now: float, outcome: Outcome = Outcome.OK) -> Finished:
         """Runs once per Decision when its request ends, however it ends: the work leaves the ledger, and a
@@ -254,6 +257,15 @@ class Policy:
         return sorted((c for c in pool if all(f.admits(c.quality) for f in floors)),
                       key=lambda c: (*c.rank(), c.steps()))
 
+    def _slo_ms(self, c: Candidate, hints: Hints, now: float) -> float:
+        """The SLO candidate c is held to, at the ingress: the request's own, else the default (PolicyConfig),
+        less the edge the ingress cannot see."""
+        slo = hints.latency_slo_ms
+        if slo is None:
+            idle = self._estimate(c, hints, now, math.inf, idle=True).predicted_ms
+            slo = max(self.config.default_slo_ms, self.config.default_slo_idle * idle)
+        return max(1.0, slo - self.config.edge_ms)
+
     def _estimate(self, c: Candidate, hints: Hints, now: float, slo: float, *, idle: bool = False) -> _Estimate:
         load = self.loads[c.model]
         units = c.units(hints.n, hints.class_id)
@@ -265,9 +277,8 @@ class Policy:
         return _Estimate(c, p.compute_ms, load.fit.predict(p.compute_ms), load.margin.value,
                          load.fit.factor * p.delays_ms, p.others_ms, slo)
 
-    def _admit(self, e: _Estimate, hints: Hints, now: float, slo: float, best_effort: bool,
-               estimates: list[_Estimate]) -> Decision:
-        c = e.candidate
+    def _admit(self, e: _Estimate, hints: Hints, now: float, best_effort: bool, estimates: list[_Estimate]) -> Decision:
+        c, slo = e.candidate, e.slo_ms
         ticket, units = next(self._tickets), c.units(hints.n, hints.class_id)
         load = self.loads[c.model]
         load.admit(ticket, units, c.steps(), slo, e.margin, now)
@@ -290,22 +301,22 @@ class Policy:
                         e.predicted_ms, e.margin, slo, best_effort, f"{c.label}: {why}",
                         tuple(k.considered() for k in estimates))
 
-    def _too_slow(self, estimates: list[_Estimate], hints: Hints, now: float, slo: float) -> Rejection:
+    def _too_slow(self, estimates: list[_Estimate], hints: Hints, now: float) -> Rejection:
         """Nothing fits: Retry-After is the least time after which some candidate would. Until its queue has
         drained, a prediction falls by the time waited (the ledger drains in real time), so that is
         predicted - SLO / margin, or until the admitted requests it would delay are done, for candidates
         that an idle replica would serve in time."""
         considered = tuple(e.considered() for e in estimates)
-        waits = [max(e.predicted_ms - slo / e.margin, e.delays_ms) / 1000 for e in estimates
-                 if self._estimate(e.candidate, hints, now, slo, idle=True).fits]
+        waits = [max(e.predicted_ms - e.slo_ms / e.margin, e.delays_ms) / 1000 for e in estimates
+                 if self._estimate(e.candidate, hints, now, e.slo_ms, idle=True).fits]
         fastest = min(estimates, key=lambda e: e.predicted_ms)
+        slo = f"the SLO of {fastest.slo_ms:.0f} ms" + ("" if hints.latency_slo_ms else " (the default: the request set none)")
         if not waits:
-            return self._reject("slo_unattainable", f"no candidate can finish within the SLO of {slo:.0f} ms even "
-                                f"on an idle replica; fastest: {fastest.why_not()}", None, considered)
+            return self._reject("slo_unattainable", f"no candidate can finish within {slo} even on an idle replica; "
+                                f"fastest: {fastest.why_not()}", None, considered)
         retry = min(waits)
-        return self._reject("overloaded", f"no candidate is predicted to finish within the SLO of {slo:.0f} ms "
-                            f"under the load admitted; fastest: {fastest.why_not()}; retry in {retry:.2f} s",
-                            retry, considered)
+        return self._reject("overloaded", f"no candidate is predicted to finish within {slo} under the load "
+                            f"admitted; fastest: {fastest.why_not()}; retry in {retry:.2f} s", retry, considered)
 
     def _reject(self, reason: str, message: str, retry_after_s: float | None,
                 considered: tuple[Considered, ...]) -> Rejection:

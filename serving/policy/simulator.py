@@ -100,6 +100,7 @@ class _Engine:
         self.scheduler = Scheduler(budget)
         self.requests: dict[str, _Request] = {}   # request_id -> request, while the scheduler holds it
         self.busy = False                         # a step is in flight
+        self.last_step_s: float | None = None     # the last forward's time, as EngineCore's metrics keep it
 
     def add(self, r: _Request) -> None:
         """Runs when a request reaches the replica; an idle engine steps at once."""
@@ -115,12 +116,13 @@ class _Engine:
         self.scheduler.abort(r.request_id)
 
     def _step(self) -> None:
-        plan = self.scheduler.schedule(self.clock.now)
+        plan = self.scheduler.schedule(self.clock.now, self.last_step_s)
         for state in plan.dropped:
             del self.requests[state.request_id]
         self.busy = bool(plan.requests)
         if self.busy:
-            self.clock.at(self.clock.now + self.forward_ms(plan.num_rows) / 1000, lambda: self._stepped(plan))
+            self.last_step_s = self.forward_ms(plan.num_rows) / 1000
+            self.clock.at(self.clock.now + self.last_step_s, lambda: self._stepped(plan))
 
     def _stepped(self, plan: StepPlan) -> None:
         for state in self.scheduler.update(plan):
@@ -135,7 +137,7 @@ class _Engine:
         return LiveState(now, running_units=sum(s.rows for s in run), running_requests=len(run),
                          running_steps=sum(s.steps_total - s.steps_done for s in run),
                          queued_units=sum(s.rows for s in wait), queued_requests=len(wait),
-                         queued_steps=sum(s.steps_total for s in wait))
+                         queued_steps=sum(s.remaining for s in wait))
 
 
 class _Batcher:
@@ -279,7 +281,7 @@ def synthetic_models() -> list[ServedModel]:
         _synthetic("flow", "flow", "sample", 1.0, 37.0, [SamplingSetting(temperature=0.7)], [(530.0, 0.71)]),
         _synthetic("diffusion", "diffusion", "denoise", 1.7, 84.0, diffusion,
                    [(47.0, 0.973), (43.0, 0.975), (41.5, 0.976), (40.5, 0.977), (45.0, 0.974), (40.0, 0.977)]),
-        _synthetic("pixelcnn", "pixelcnn", "logits", 1.8, 116.0, [SamplingSetting(temperature=1.0)], [(644.0, 0.34)]),
+        _synthetic("pixelcnn", "pixelcnn", "step", 1.8, 116.0, [SamplingSetting(temperature=1.0)], [(644.0, 0.34)]),
     ]
 
 
