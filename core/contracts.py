@@ -39,6 +39,7 @@ class Domain(str, Enum):
     LEVELS = "levels"        # float holding integers 0..255 (PixelCNN's uint8 image, as float32)
     CLASS_ID = "class_id"    # int64 0..NUM_CLASSES, NULL_CLASS meaning "no class"
     TIMESTEP = "timestep"    # int64 0..NUM_TRAIN_TIMESTEPS-1
+    PIXEL = "pixel"          # int64 0..NUM_PIXELS-1, a raster position (row * 28 + column)
     REAL = "real"            # float, unbounded (logits, log-variances, bits/dim)
 
 
@@ -137,11 +138,17 @@ def contracts_for(family: str, config: dict[str, Any]) -> list[GraphContract]:
         ]
     if family == "pixelcnn":
         # Full 28x28 images only: a step-batched server mixes requests at different pixels in one forward.
-        return [GraphContract("pixelcnn", "logits",
-                              (_image("x", Domain.LEVELS, "uint8 intensities 0..255 as float32"), y),
+        x = _image("x", Domain.LEVELS, "uint8 intensities 0..255 as float32")
+        return [GraphContract("pixelcnn", "step",
+                              (x, y, TensorSpec("p", "int64", (BATCH,), Domain.PIXEL,
+                                                f"raster position 0..{NUM_PIXELS - 1} of the pixel to read, per row")),
+                              (TensorSpec("logits", "float32", (BATCH, LEVELS), Domain.REAL,
+                                          "unnormalized log p(pixel p = level | pixels before p, y)"),),
+                              "one autoregressive step: the distribution of each row's pixel p only"),
+                GraphContract("pixelcnn", "logits", (x, y),
                               (TensorSpec("logits", "float32", (BATCH, LEVELS, *IMAGE_SHAPE[1:]), Domain.REAL,
                                           "unnormalized log p(pixel = level | pixels before it, y)"),),
-                              "one autoregressive step: read the logits of the next pixel in raster order")]
+                              "every pixel's distribution in one teacher-forced forward: the exact likelihood")]
     if family == "diffusion":
         return [GraphContract("diffusion", "denoise",
                               (_image("x", Domain.NORMAL, "noisy image x_t"),
@@ -161,6 +168,8 @@ def sample_inputs(contract: GraphContract, batch: int, rng: np.random.Generator)
             v = rng.integers(0, NULL_CLASS + 1, shape)
         elif spec.domain is Domain.TIMESTEP:
             v = rng.integers(0, NUM_TRAIN_TIMESTEPS, shape)
+        elif spec.domain is Domain.PIXEL:
+            v = rng.integers(0, NUM_PIXELS, shape)
         elif spec.domain is Domain.UNIT:
             v = rng.random(shape)
         elif spec.domain is Domain.SIGNED:

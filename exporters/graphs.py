@@ -33,6 +33,17 @@ class FlowLogProb(nn.Module):
         return self.flow.bits_per_dim(x, y)
 
 
+class PixelCNNStep(nn.Module):
+    """pixelcnn.step: x (B,1,28,28), y (B,), p (B,) -> logits (B,256) of each row's pixel p."""
+
+    def __init__(self, pixelcnn: nn.Module):
+        super().__init__()
+        self.pixelcnn = pixelcnn
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+        return self.pixelcnn.step(x, y, p)
+
+
 def graph_module(contract: GraphContract, model: nn.Module) -> nn.Module:
     """The module to export for one contract, given the family's shipped module (from load_model)."""
     key = contract.key
@@ -48,6 +59,8 @@ def graph_module(contract: GraphContract, model: nn.Module) -> nn.Module:
         return FlowSample(model)
     if key == "flow.log_prob":
         return FlowLogProb(model)
+    if key == "pixelcnn.step":
+        return PixelCNNStep(model)
     if key in ("pixelcnn.logits", "diffusion.denoise"):
         return model
     raise ValueError(f"no torch module for graph {key}")

@@ -17,7 +17,7 @@ DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "deploy" / "serve_config.
 
 # family -> the graph its deployment samples with
 ONE_PASS_GRAPH = {"gan": "generate", "vae": "decode", "flow": "sample"}
-ITERATIVE_GRAPH = {"diffusion": "denoise", "pixelcnn": "logits"}
+ITERATIVE_GRAPH = {"diffusion": "denoise", "pixelcnn": "step"}
 
 
 def _unknown_keys(what: str, given: dict[str, Any], cls: type) -> None:
@@ -103,7 +103,7 @@ class AppArgs:
     # proxies' backstop is set past it
     ingress_timeout_s: float = 120.0
     # The SLO of a request that sets none (no latency_slo_ms, X-Request-Timeout-Ms or Triton timeout), at
-    # least: max(this, 4x its time on an idle replica) (serving.policy.PolicyConfig). Admitted against and
+    # least: max(this, 10x its time on an idle replica) (serving.policy.PolicyConfig). Admitted against and
     # dropped at, like any SLO: past capacity, a request without one is refused rather than queued
     default_slo_ms: float = 3000.0
     # "step": genserve's paths (image-count batching, the step engine); "request": the plain @serve.batch

@@ -15,9 +15,9 @@ LN2 = math.log(2)
 
 # family -> what its deployment offers beyond `generate`
 FAMILY_OPERATIONS = {"vae": ("interpolate", "reconstruct"), "flow": ("likelihood",), "pixelcnn": ("likelihood",)}
-# family -> the graphs its deployment opens beside its sampling graph for them (PixelCNN's likelihood
-# runs `logits`, the graph it samples with)
-OPERATION_GRAPHS = {"vae": ("encode",), "flow": ("log_prob",)}
+# family -> the graphs its deployment opens beside its sampling graph for them (PixelCNN samples with
+# `step`, one pixel per row; its likelihood needs every pixel's logits from `logits`)
+OPERATION_GRAPHS = {"vae": ("encode",), "flow": ("log_prob",), "pixelcnn": ("logits",)}
 
 
 def operations_of(family: str) -> tuple[str, ...]:

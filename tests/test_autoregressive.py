@@ -1,28 +1,11 @@
-"""PixelCNN step maths: raster order, per-row logit gathering, inverse-CDF sampling with temperature."""
+"""PixelCNN step maths: inverse-CDF sampling with temperature, classifier-free guidance on the logits."""
 
 
 import torch
 
-from core.samplers.autoregressive import (LEVELS, NUM_PIXELS, draw_uniforms, logits_at, raster_position,
-                                             sample_pixels)
+from core.samplers.autoregressive import LEVELS, draw_uniforms, guided_levels, sample_pixels
 
 torch.set_num_threads(1)
-
-
-def test_raster_order_visits_every_pixel_row_by_row():
-    row, col = raster_position(torch.arange(NUM_PIXELS))
-    assert row.tolist() == [p // 28 for p in range(NUM_PIXELS)]
-    assert col.tolist() == [p % 28 for p in range(NUM_PIXELS)]
-    row, col = raster_position(torch.tensor([0, 27, 28, 783]))
-    assert (row.tolist(), col.tolist()) == ([0, 0, 1, 27], [0, 27, 0, 27])
-
-
-def test_logits_at_reads_each_row_at_its_own_position():
-    logits = torch.randn(3, LEVELS, 28, 28)
-    step = torch.tensor([0, 29, 783])
-    got = logits_at(logits, step)  # [3, 256]
-    for b, (r, c) in enumerate([(0, 0), (1, 1), (27, 27)]):
-        assert torch.equal(got[b], logits[b, :, r, c])
 
 
 def test_sampling_picks_the_only_possible_level():
@@ -63,3 +46,23 @@ def test_each_request_draws_from_its_own_generator():
     alone = draw_uniforms([torch.Generator().manual_seed(5)], [3])
     mixed = draw_uniforms([torch.Generator().manual_seed(1), torch.Generator().manual_seed(5)], [2, 3])
     assert torch.equal(mixed[2:], alone) and mixed.dtype == torch.float64
+
+
+def test_guidance_one_or_equal_rows_is_the_plain_conditional_sample():
+    g = torch.Generator().manual_seed(2)
+    cond, uncond = torch.randn(50, LEVELS, generator=g), torch.randn(50, LEVELS, generator=g)
+    u, t = torch.rand(50, generator=g, dtype=torch.float64), torch.full((50,), 0.9)
+    plain = sample_pixels(cond, t, u)
+    assert torch.equal(guided_levels(cond, uncond, torch.ones(50), t, u), plain)
+    assert torch.equal(guided_levels(cond, cond, torch.full((50,), 3.0), t, u), plain)
+
+
+def test_guidance_extrapolates_away_from_the_unconditional_logits():
+    """l_u + s (l_c - l_u), per row: s = 0 samples the unconditional distribution, s = 3 a sharper
+    conditional one where the two disagree."""
+    cond = torch.zeros(2, LEVELS)
+    cond[:, 200] = 2.0                       # the class favours level 200 a little
+    uncond = torch.zeros(2, LEVELS)
+    u = torch.full((2,), 0.5, dtype=torch.float64)
+    levels = guided_levels(cond, uncond, torch.tensor([0.0, 10.0]), torch.ones(2), u)
+    assert levels.tolist() == [128, 200]     # uniform: the median level; guided 10x: certain of 200

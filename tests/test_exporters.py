@@ -91,7 +91,7 @@ def test_graph_matches_its_contract(exported, family, graph):
 def test_contracts_cover_every_family_and_read_sizes_from_the_config():
     assert {f: [c.graph for c in contracts_for(f, {})] for f in FAMILIES} == {
         "vae": ["decode", "encode"], "gan": ["generate"], "flow": ["sample", "log_prob"],
-        "pixelcnn": ["logits"], "diffusion": ["denoise"]}
+        "pixelcnn": ["step", "logits"], "diffusion": ["denoise"]}
     gan = contracts_for("gan", {"z_dim": 32})[0]
     assert gan.inputs[0].shape == (BATCH, 32) and gan.inputs[1].dtype == "int64"
     den = contracts_for("diffusion", {})[0]
@@ -115,6 +115,17 @@ def test_sample_inputs_stay_in_domain():
     assert y["t"].min() >= 0 and y["t"].max() < C.NUM_TRAIN_TIMESTEPS
     px = sample_inputs(contracts_for("pixelcnn", {})[0], 2, np.random.default_rng(0))["x"]
     assert px.dtype == np.float32 and np.array_equal(px, np.round(px)) and px.max() <= 255
+
+
+def test_pixelcnn_step_graph_reads_the_logits_graph_at_each_rows_pixel(exported):
+    """The served step graph returns exactly what the likelihood graph has at each row's own pixel p."""
+    _, step = _graph(exported, "pixelcnn", "step")
+    _, full = _graph(exported, "pixelcnn", "logits")
+    feeds = sample_inputs(step.contract, 5, np.random.default_rng(1))
+    got = make_session(step.path, threads=1).run(None, feeds)[0]                          # [5, 256]
+    logits = make_session(full.path, threads=1).run(None, {k: feeds[k] for k in ("x", "y")})[0]
+    np.testing.assert_allclose(got, logits.reshape(5, C.LEVELS, -1)[np.arange(5), :, feeds["p"]], atol=1e-5)
+    assert feeds["p"].min() >= 0 and feeds["p"].max() < C.NUM_PIXELS
 
 
 def test_flow_sample_latent_order_is_z1_z2_z3():

@@ -142,13 +142,47 @@ def test_pixelcnn_bits_per_dim_is_exact_normalised_likelihood():
     assert torch.allclose(model.bits_per_dim(x, y), manual, atol=1e-5)
 
 
+def test_pixelcnn_step_is_the_full_forward_at_pixel_p_even_on_the_rows_so_far():
+    torch.manual_seed(0)
+    model = pixelcnn.build(TINY["pixelcnn"]).eval()
+    x, y = _batch(3)
+    p = torch.tensor([0, 300, 783])
+    with torch.no_grad():
+        full = model(x, y).flatten(2)[torch.arange(3), :, p]                      # [3, 256]
+        torch.testing.assert_close(model.step(x, y, p), full, atol=1e-4, rtol=0)
+        # pixel 300 is in row 10: rows 10 - reach .. 10 are all the step needs
+        top = 10 - model.reach
+        torch.testing.assert_close(model.step(x[1:2, :, top:11], y[1:2], p[1:2] - 28 * top), full[1:2],
+                                   atol=1e-4, rtol=0)
+        short = model.step(x[1:2, :, top + 1:11], y[1:2], p[1:2] - 28 * (top + 1))
+        assert (short - full[1:2]).abs().max() > 1e-5  # and not one row fewer: reach is exact
+
+
+def test_pixelcnn_logistic_mixture_head_is_a_normalised_256_level_distribution():
+    """PixelCNN++'s head: the 256 levels' probabilities sum to 1, bits/dim (computed at the true levels
+    only) is the cross-entropy of those logits, and the step reads them at pixel p."""
+    torch.manual_seed(0)
+    model = pixelcnn.build(pixelcnn.Config(hidden=8, dilations=(1, 2), mixtures=3)).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+        x, y = _batch(2)
+        logits = model(x, y)                                                          # (2, 256, 28, 28)
+        torch.testing.assert_close(torch.logsumexp(logits, 1), torch.zeros(2, 28, 28), atol=1e-4, rtol=0)
+        manual = -torch.log_softmax(logits, 1).gather(1, x.long()).flatten(1).mean(1) / torch.log(torch.tensor(2.0))
+        torch.testing.assert_close(model.bits_per_dim(x, y), manual, atol=1e-4, rtol=0)
+        p = torch.tensor([0, 783])
+        torch.testing.assert_close(model.step(x, y, p), logits.flatten(2)[torch.arange(2), :, p], atol=1e-4, rtol=0)
+
+
 def test_pixelcnn_sampling_is_seeded():
     torch.manual_seed(0)
     model = pixelcnn.build(pixelcnn.Config(hidden=4, dilations=(1,))).eval()
     y = torch.tensor([1, NULL_CLASS])
-    a = pixelcnn.sample(model, y, torch.Generator().manual_seed(3))
-    b = pixelcnn.sample(model, y, torch.Generator().manual_seed(3))
-    assert torch.equal(a, b)
+    for guidance_scale in (1.0, 2.0):
+        a = pixelcnn.sample(model, y, torch.Generator().manual_seed(3), guidance_scale=guidance_scale)
+        b = pixelcnn.sample(model, y, torch.Generator().manual_seed(3), guidance_scale=guidance_scale)
+        assert torch.equal(a, b)
 
 
 def test_gan_generator_and_discriminator_shapes():

@@ -31,7 +31,9 @@ pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # Ray's, 
 # 16 guided images: 32 rows, half the row budget. With the shipped bound (64 rows running, 256 waiting) ten
 # such requests fit; a flood of FLOOD is refused from the eleventh on. 20 steps (~3 s a pair here) keep the
 # queue full long enough to probe it.
-WIDE = {"model": "diffusion", "prompt": "bag", "n": 16, "guidance_scale": 2.0, "steps": 20}
+# best_effort: past the default SLO the policy would refuse them first (429); these tests are about the
+# engine's own bound behind it
+WIDE = {"model": "diffusion", "prompt": "bag", "n": 16, "guidance_scale": 2.0, "steps": 20, "best_effort": True}
 FLOOD = 36
 
 
@@ -165,8 +167,8 @@ def test_a_flood_past_the_engine_bound_is_refused_at_once_and_the_server_recover
                 assert time.monotonic() < deadline, replica_metrics("diffusion")
                 time.sleep(0.02)
             # while it is full: gRPC's answer is RESOURCE_EXHAUSTED, KServe v2 over HTTP a 503 in its own shape
-            # (16 images: 16 jobs, the request fails with the first refused)
-            probe = {"steps": WIDE["steps"], "guidance_scale": 2.0}
+            # (16 images: one job of 32 rows; best_effort, past the policy, to reach the engine's bound)
+            probe = {"steps": WIDE["steps"], "guidance_scale": 2.0, "best_effort": True}
             assert grpc_infer(server["grpc"], [1] * 16, probe) == grpc.StatusCode.RESOURCE_EXHAUSTED
             v2 = post(f"{server['url']}/v2/models/diffusion/infer",
                       {"inputs": [{"name": "class_id", "datatype": "INT64", "shape": [16], "data": [1] * 16}],

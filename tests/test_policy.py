@@ -339,7 +339,7 @@ def test_one_stall_cannot_lock_a_model_out():
 # ---- a request without an SLO --------------------------------------------------------------------------------
 
 def test_a_request_without_an_slo_is_held_to_the_default_and_refused_past_capacity():
-    """No latency_slo_ms: the default SLO (3 s, or 4x the time alone for long work), admitted against like any
+    """No latency_slo_ms: the default SLO (3 s, or 10x the time alone for long work), admitted against like any
     SLO: a burst far past capacity is partly refused at once, and every admitted request is in time."""
     p = policy()
     d = decide(p, model="diffusion", steps=20)

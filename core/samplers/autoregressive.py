@@ -1,25 +1,16 @@
 """Autoregressive (PixelCNN) step maths: one pixel per forward pass, in raster order, for a batch whose
-rows sit at different pixel positions and sample at different temperatures.
+rows sit at different pixel positions and sample at different temperatures and guidance scales.
 
 Sampling is by inverse CDF from one uniform per row, which each request draws from its own generator:
 the sampling itself is then one batched op, and a request consumes the same random numbers whatever
-it is batched with.
+it is batched with. families.pixelcnn.sample and the engine's PixelCNNStepper both sample through
+guided_levels, so a (seed, class, settings) gives the same image offline and served.
 """
 
 import torch
 
-from core.contracts import IMAGE_SIZE, LEVELS, NUM_PIXELS  # one step per pixel, raster order
-
-
-def raster_position(step: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pixel sampled at step s (0..783) of raster order: row s // 28, column s % 28. step: [B] int64."""
-    return torch.div(step, IMAGE_SIZE, rounding_mode="floor"), step % IMAGE_SIZE
-
-
-def logits_at(logits: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
-    """Each row's logits at its own position: logits [B, 256, 28, 28], step [B] int64 -> [B, 256]."""
-    row, col = raster_position(step)
-    return logits[torch.arange(logits.shape[0]), :, row, col]
+from core.contracts import IMAGE_SIZE, LEVELS  # noqa: F401 (IMAGE_SIZE: the stepper's raster order)
+from core.samplers.guidance import classifier_free_guidance
 
 
 def draw_uniforms(generators: list[torch.Generator], counts: list[int]) -> torch.Tensor:
@@ -42,3 +33,11 @@ def sample_pixels(logits: torch.Tensor, temperature: torch.Tensor, u: torch.Tens
     # scale u by the total rather than trusting it to be exactly 1 after rounding
     level = torch.searchsorted(cdf, (u.double() * cdf[:, -1])[:, None], right=True)[:, 0]  # [B]
     return level.clamp(max=LEVELS - 1)
+
+
+def guided_levels(cond: torch.Tensor, uncond: torch.Tensor, scale: torch.Tensor, temperature: torch.Tensor,
+                  u: torch.Tensor) -> torch.Tensor:
+    """Levels [B] from classifier-free guided logits l_u + s (l_c - l_u) (Ho & Salimans 2022, on the
+    logits as on diffusion's ε): cond and uncond [B, 256]; scale, temperature, u [B]. Where a row is
+    unguided, pass its cond logits as uncond too: l_c + s * 0 = l_c exactly."""
+    return sample_pixels(classifier_free_guidance(cond, uncond, scale), temperature, u)

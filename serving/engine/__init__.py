@@ -16,7 +16,7 @@ _EXPORTS = {
     **dict.fromkeys(["DeadlineExceeded", "EngineOverloaded", "EngineStopped", "RequestAborted", "RequestCancelled",
                      "RequestFailed"],
                     "serving.errors"),
-    **dict.fromkeys(["DenoiseRunner", "LogitsRunner", "OnnxRunner", "TorchRunner"], "serving.engine.runner"),
+    **dict.fromkeys(["DenoiseRunner", "StepRunner", "OnnxRunner", "TorchRunner"], "serving.engine.runner"),
     "Scheduler": "serving.engine.scheduler", "StepPlan": "serving.engine.scheduler",
     "Status": "serving.engine.state",
 }

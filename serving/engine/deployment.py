@@ -26,7 +26,7 @@ from serving.engine.autoscaling import ROW_DEMAND
 from serving.errors import ModelUnavailable, unless_unavailable
 from serving.observability import report_model_ready
 from serving.observability.engine import StepTiming, export_engine_metrics
-from serving.operations import pixelcnn_bits_per_dim
+from serving.operations import OPERATION_GRAPHS, pixelcnn_bits_per_dim
 from serving.runtime import load_model, node_address, replica_cpus, threads_for
 
 logger = logging.getLogger("ray.serve")
@@ -45,7 +45,8 @@ class IterativeDeployment:
         self._export: asyncio.Future | None = None  # the metrics reporters, for the replica's life
         self.load_error: ModelUnavailable | None = None
         try:
-            self.model = load_model(store, ref, ITERATIVE_GRAPH, threads=threads_for(replica_cpus()))
+            self.model = load_model(store, ref, ITERATIVE_GRAPH, extra_graphs=OPERATION_GRAPHS,
+                                    threads=threads_for(replica_cpus()))
         except Exception as exc:
             self.load_error = ModelUnavailable.of(ref.partition("@")[0], exc)
             logger.exception("genserve: %s failed to load; serving no requests for it", ref)
@@ -84,7 +85,7 @@ class IterativeDeployment:
 
     def _request(self, job: GenerationJob) -> tuple[DiffusionRequest | PixelCNNRequest, SamplingSetting]:
         """The engine request for a job, and the setting it runs at in full: the job's over the manifest's
-        default (diffusion), the default temperature (PixelCNN)."""
+        default (diffusion), the default temperature and guidance (PixelCNN)."""
         default = self.model.manifest.sampling.default
         deadline = time.monotonic() + job.timeout_s if job.timeout_s else None
         if self.model.family == "diffusion":
@@ -96,9 +97,10 @@ class IterativeDeployment:
                                     seeds=job.seeds), s
         if job.seeds is not None or job.class_ids is not None:  # the PixelCNN stepper draws per request
             raise ValueError(f"{self.model.name}: a PixelCNN job takes one seed and class for all its images")
-        s = SamplingSetting(temperature=float(default.temperature or 1.0))
+        s = SamplingSetting(guidance_scale=1.0 if default.guidance_scale is None else float(default.guidance_scale),
+                            temperature=float(default.temperature or 1.0))
         return PixelCNNRequest(class_id=job.class_id, seed=job.seed, n=job.n, deadline=deadline,
-                               temperature=s.temperature), s
+                               temperature=s.temperature, guidance_scale=s.guidance_scale), s
 
     async def _sample(self, request):
         """One request's images: it joins the engine's running batch (the request-level baseline overrides this)."""
@@ -128,7 +130,7 @@ class IterativeDeployment:
         for i in range(0, len(job.images), size):
             images = job.images[i:i + size]
             feeds = {"x": images[:, None].astype(np.float32), "y": np.full(len(images), job.class_id, np.int64)}
-            logits = await asyncio.to_thread(self.model.graph.run, feeds)  # [n, 256, 28, 28]
+            logits = await asyncio.to_thread(self.model.extra["logits"].run, feeds)  # [n, 256, 28, 28]
             bits.append(pixelcnn_bits_per_dim(logits, images))
         return LikelihoodResult(np.concatenate(bits), self.model.name, self.model.version, self.model.family,
                                 (time.perf_counter() - start) * 1000)

@@ -1,37 +1,55 @@
-"""The PixelCNN family around the forward pass: one row per image, each request at its own pixel
-position (steps_done in raster order), all in ONE forward of the full 28x28 logits graph; then each
-image's next pixel is sampled with its request's temperature and generator and written into its x."""
+"""The PixelCNN family around the forward pass: one row per image (two when guided), each request at its
+own pixel position (steps_done in raster order), all in ONE forward of the step graph, which returns only
+the distribution of each row's own pixel; then each image's pixel is sampled with its request's
+temperature, guidance scale and generator and written into its x.
+
+Row layout, as diffusion's: requests in plan order, each taking a contiguous block: its n conditional
+rows, then, when guided, its n unconditional rows (class NULL_CLASS) at the same x and position."""
 
 from __future__ import annotations
 
 import torch
 
+from core.contracts import NULL_CLASS
+from core.samplers.autoregressive import IMAGE_SIZE, draw_uniforms, guided_levels
 from serving.engine.request import PixelCNNState
-from serving.engine.runner import LogitsRunner
+from serving.engine.runner import StepRunner
 from serving.engine.scheduler import StepPlan
-from core.samplers.autoregressive import IMAGE_SIZE, draw_uniforms, logits_at, sample_pixels
 
 
 class PixelCNNStepper:
-    def __init__(self, runner: LogitsRunner):
+    def __init__(self, runner: StepRunner):
         self.runner = runner
 
     def execute(self, plan: StepPlan) -> torch.Tensor:
-        """Runs once per step, off the event loop: ONE forward -> logits [R, 256, 28, 28].
+        """Runs once per step, off the event loop: ONE forward -> logits [R, 256], row i's at its own pixel.
         The graph sees whole images; masking makes pixel p's logits depend on pixels < p only, so the
         not-yet-sampled zeros after each row's position do not matter."""
-        x = torch.cat([s.x for s in plan.requests])  # [R, 1, 28, 28]
-        y = torch.cat([torch.full((s.request.n,), s.request.class_id, dtype=torch.int64) for s in plan.requests])
-        return self.runner.execute(x, y)
+        xs, ys, ps = [], [], []
+        for s in plan.requests:
+            n, copies = s.request.n, 2 if s.request.guided else 1
+            xs += [s.x] * copies
+            ys.append(torch.full((n,), s.request.class_id, dtype=torch.int64))
+            if s.request.guided:
+                ys.append(torch.full((n,), NULL_CLASS, dtype=torch.int64))
+            ps.append(torch.full((n * copies,), s.steps_done, dtype=torch.int64))
+        return self.runner.execute(torch.cat(xs), torch.cat(ys), torch.cat(ps))
 
     def update(self, plan: StepPlan, logits: torch.Tensor) -> None:
         """Runs after the forward: sample every image's pixel at its request's position and write it."""
         states: list[PixelCNNState] = plan.requests
+        cond, uncond, scale, temperature = [], [], [], []  # per image
+        row = 0
+        for s in states:
+            n = s.request.n
+            cond.append(torch.arange(row, row + n))
+            uncond.append(torch.arange(row + n, row + 2 * n) if s.request.guided else cond[-1])
+            scale.append(torch.full((n,), float(s.request.guidance_scale) if s.request.guided else 1.0))
+            temperature.append(torch.full((n,), float(s.request.temperature)))
+            row += s.rows
         counts = [s.request.n for s in states]
-        step = torch.cat([torch.full((n,), s.steps_done) for s, n in zip(states, counts)])  # [R]
-        temperature = torch.cat([torch.full((n,), float(s.request.temperature)) for s, n in zip(states, counts)])
-        levels = sample_pixels(logits_at(logits, step), temperature,
-                               draw_uniforms([s.generator for s in states], counts))  # [R]
+        levels = guided_levels(logits[torch.cat(cond)], logits[torch.cat(uncond)], torch.cat(scale),
+                               torch.cat(temperature), draw_uniforms([s.generator for s in states], counts))
         start = 0
         for s, n in zip(states, counts):
             row, col = divmod(s.steps_done, IMAGE_SIZE)  # raster order

@@ -22,10 +22,11 @@ class DenoiseRunner(Protocol):
         ...
 
 
-class LogitsRunner(Protocol):
-    def execute(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+class StepRunner(Protocol):
+    def execute(self, x: torch.Tensor, y: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
         """Called once per PixelCNN engine step, off the event loop: x [R, 1, 28, 28] float32 levels
-        0..255, y [R] int64 -> logits [R, 256, 28, 28] float32."""
+        0..255, y [R] int64 class, p [R] int64 raster position -> logits [R, 256] float32 of pixel p of
+        each row. Row i of the output depends on row i only."""
         ...
 
 
@@ -40,7 +41,7 @@ class OnnxRunner:
     @classmethod
     def from_version(cls, loaded: LoadedVersion, graph: str, *, threads: int | None = None,
                      choice: ProviderChoice | None = None) -> OnnxRunner:
-        """A session over the verified bytes of one graph ("denoise", "logits"): runs at replica start."""
+        """A session over the verified bytes of one graph ("denoise", "step"): runs at replica start."""
         contract = loaded.manifest.graph(graph)
         return cls(make_session(loaded.graph_bytes(graph), threads=threads, choice=choice), contract)
 

@@ -37,9 +37,10 @@ class PolicyConfig:
     # A request without latency_slo_ms (or a client timeout) is held to max(default_slo_ms, default_slo_idle x
     # its time on an idle replica): admitted only if predicted in time, dropped at it, like any SLO. Without
     # one, past capacity every request was admitted into an ever longer queue and goodput collapsed (issue 14).
-    # The floor suits interactive generation; the factor leaves long work (PixelCNN: 784 steps) room to queue.
+    # The floor suits interactive generation; the factor leaves long work (PixelCNN: 784 steps, ~2 s alone)
+    # room to share its replica (at 4x, four concurrent PixelCNN requests were already refused).
     default_slo_ms: float = 3000.0
-    default_slo_idle: float = 4.0
+    default_slo_idle: float = 10.0
     # Start of the fitted per-request overhead (Ray hops, PNG encoding): a few ms on one machine.
     overhead_prior_ms: float = 5.0
     # Weight of the newest observation in the fit: follows a slowdown within ~10-20 requests.
