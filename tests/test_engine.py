@@ -260,6 +260,21 @@ def test_per_image_seeds_and_classes_give_each_image_as_its_one_image_request(kw
     assert torch.equal(outputs["p"].result(), together)
 
 
+@pytest.mark.parametrize("guidance_scale", [1.0, 2.0])
+def test_pixelcnn_per_image_seeds_and_classes_give_each_image_as_its_one_image_request(guidance_scale):
+    """As diffusion's: image i of a PixelCNN request with per-image seeds and classes is the image of the
+    1-image request with seeds[i] and class_ids[i], bit for bit, alone and inside a busy batch."""
+    kw = dict(guidance_scale=guidance_scale, temperature=0.9)
+    request = pixelcnn(n=4, **PER_IMAGE, **kw)
+    singles = [pixelcnn(class_id=c, seed=seed, **kw) for c, seed in zip(PER_IMAGE["class_ids"], PER_IMAGE["seeds"])]
+    assert request.rows == sum(r.rows for r in singles)
+    together = alone(request, toy_logits, "pixelcnn")
+    assert torch.equal(together, torch.cat([alone(r, toy_logits, "pixelcnn") for r in singles]))
+    assert torch.equal(together[0], together[2])
+    outputs = run(engine(family="pixelcnn"), {0: [("p", request), ("m", pixelcnn(n=2, seed=3, **kw))]})
+    assert torch.equal(outputs["p"].result(), together)
+
+
 def test_per_image_rows_are_the_conditional_rows_then_the_guided_images_unconditional_ones():
     runner = FakeRunner()
     run(engine(runner), {0: [("p", diffusion(n=3, steps=1, guidance_scale=2.0, class_ids=(1, NULL_CLASS, 2),

@@ -50,11 +50,11 @@ def test_a_request_is_one_job_with_a_seed_and_class_per_image():
     assert parse([("class_id", "INT64", [2], [4, 4])]).jobs[0].class_ids is None
     assert parse([("class_id", "INT64", [1], [NULL_CLASS]), ("seed", "INT64", [1], [3])]).jobs == \
            (GenerationJob(class_id=NULL_CLASS, n=1, seed=3),)
-    # a model whose stepper draws one stream per request (PixelCNN, or auto where one is served): a job per image
+    # PixelCNN (and auto, which may choose it) too: its stepper draws each image from its own seed as well
     for name in ("pixelcnn", "auto"):
-        split = parse_infer(name, "", "", [("class_id", [1, 2]), ("seed", [5, 6])], {}, [],
-                            {**FAMILIES, "pixelcnn": "pixelcnn"})
-        assert [(j.class_id, j.seed, j.n, j.seeds) for j in split.jobs] == [(1, 5, 1, None), (2, 6, 1, None)]
+        [job] = parse_infer(name, "", "", [("class_id", [1, 2]), ("seed", [5, 6])], {}, [],
+                            {**FAMILIES, "pixelcnn": "pixelcnn"}).jobs
+        assert (job.n, job.seeds, job.class_ids) == (2, (5, 6), (1, 2))
     # raw little-endian bytes (binary extension, gRPC raw contents) and nested JSON decode alike
     assert decode_input("class_id", "INT64", [2], np.array([1, 2], "<i8").tobytes()) == ("class_id", [1, 2])
     assert decode_input("seed", "INT64", [2], [[1], [2]]) == ("seed", [1, 2])

@@ -137,20 +137,11 @@ def parse_infer(name: str, version: str, request_id: str, inputs: list[tuple[str
         options["timeout_s"] = min(timeout_us / 1e6, options["timeout_s"] or math.inf)
     hints = policy_hints(parameters)  # its messages name the parameter, as v2's {"error": message} needs
     seeds = [check_seed(s) for s in seeds]
-    if _may_reach_pixelcnn(model, families):  # its stepper draws from one generator per request (see below)
-        jobs = tuple(GenerationJob(class_id=c, n=1, seed=s, **options) for c, s in zip(class_ids, seeds))
-    else:  # one job, each image from its own seed and class (a single one where they are all the same)
-        jobs = (GenerationJob(class_id=next((c for c in class_ids if c != NULL_CLASS), NULL_CLASS), n=len(seeds),
-                              seed=seeds[0], seeds=tuple(seeds) if len(seeds) > 1 else None,
-                              class_ids=tuple(class_ids) if len(set(class_ids)) > 1 else None, **options),)
+    # one job, each image from its own seed and class (a single one where they are all the same)
+    jobs = (GenerationJob(class_id=next((c for c in class_ids if c != NULL_CLASS), NULL_CLASS), n=len(seeds),
+                          seed=seeds[0], seeds=tuple(seeds) if len(seeds) > 1 else None,
+                          class_ids=tuple(class_ids) if len(set(class_ids)) > 1 else None, **options),)
     return InferRequest(name, model, version, request_id, jobs, drawn, hints)
-
-
-def _may_reach_pixelcnn(model: str, families: dict[str, str]) -> bool:
-    """Whether the request may run on a PixelCNN: its model is one, or it is `auto` and one is served. Until
-    serving/engine/pixelcnn.py samples each image from its own generator and class (DiffusionStepper does),
-    such a request is a 1-image job per image."""
-    return families.get(model) == "pixelcnn" or (model == AUTO and "pixelcnn" in families.values())
 
 
 # ---- the protocol's operations -----------------------------------------------------------------------------

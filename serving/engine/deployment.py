@@ -95,12 +95,11 @@ class IterativeDeployment:
             return DiffusionRequest(class_id=job.class_id, seed=job.seed, n=job.n, deadline=deadline, sampler=s.sampler,
                                     steps=s.steps, guidance_scale=s.guidance_scale, class_ids=job.class_ids,
                                     seeds=job.seeds), s
-        if job.seeds is not None or job.class_ids is not None:  # the PixelCNN stepper draws per request
-            raise ValueError(f"{self.model.name}: a PixelCNN job takes one seed and class for all its images")
         s = SamplingSetting(guidance_scale=1.0 if default.guidance_scale is None else float(default.guidance_scale),
                             temperature=float(default.temperature or 1.0))
         return PixelCNNRequest(class_id=job.class_id, seed=job.seed, n=job.n, deadline=deadline,
-                               temperature=s.temperature, guidance_scale=s.guidance_scale), s
+                               temperature=s.temperature, guidance_scale=s.guidance_scale, class_ids=job.class_ids,
+                               seeds=job.seeds), s
 
     async def _sample(self, request):
         """One request's images: it joins the engine's running batch (the request-level baseline overrides this)."""

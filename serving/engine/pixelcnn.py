@@ -4,13 +4,13 @@ the distribution of each row's own pixel; then each image's pixel is sampled wit
 temperature, guidance scale and generator and written into its x.
 
 Row layout, as diffusion's: requests in plan order, each taking a contiguous block: its n conditional
-rows, then, when guided, its n unconditional rows (class NULL_CLASS) at the same x and position."""
+rows, then an unconditional row (class NULL_CLASS) for each guided image, at that image's x and position.
+Each image draws its uniforms from its own generator when the request has per-image seeds."""
 
 from __future__ import annotations
 
 import torch
 
-from core.contracts import NULL_CLASS
 from core.samplers.autoregressive import IMAGE_SIZE, draw_uniforms, guided_levels
 from serving.engine.request import PixelCNNState
 from serving.engine.runner import StepRunner
@@ -27,34 +27,35 @@ class PixelCNNStepper:
         not-yet-sampled zeros after each row's position do not matter."""
         xs, ys, ps = [], [], []
         for s in plan.requests:
-            n, copies = s.request.n, 2 if s.request.guided else 1
-            xs += [s.x] * copies
-            ys.append(torch.full((n,), s.request.class_id, dtype=torch.int64))
-            if s.request.guided:
-                ys.append(torch.full((n,), NULL_CLASS, dtype=torch.int64))
-            ps.append(torch.full((n * copies,), s.steps_done, dtype=torch.int64))
+            xs += [s.x, s.x[s.guided]]
+            ys.append(s.y)
+            ps.append(torch.full((s.rows,), s.steps_done, dtype=torch.int64))
         return self.runner.execute(torch.cat(xs), torch.cat(ys), torch.cat(ps))
 
     def update(self, plan: StepPlan, logits: torch.Tensor) -> None:
         """Runs after the forward: sample every image's pixel at its request's position and write it."""
         states: list[PixelCNNState] = plan.requests
         cond, uncond, scale, temperature = [], [], [], []  # per image
+        generators, counts = [], []
         row = 0
         for s in states:
             n = s.request.n
             cond.append(torch.arange(row, row + n))
-            uncond.append(torch.arange(row + n, row + 2 * n) if s.request.guided else cond[-1])
-            scale.append(torch.full((n,), float(s.request.guidance_scale) if s.request.guided else 1.0))
+            own = cond[-1].clone()  # an unguided image's "unconditional" row is its own: guidance 1 leaves it
+            own[s.guided] = torch.arange(row + n, row + s.rows)
+            uncond.append(own)
+            scale.append(torch.where(s.guided, float(s.request.guidance_scale), 1.0))
             temperature.append(torch.full((n,), float(s.request.temperature)))
+            generators += s.generators
+            counts += [n] if len(s.generators) == 1 else [1] * n  # all its images at once, or one each
             row += s.rows
-        counts = [s.request.n for s in states]
         levels = guided_levels(logits[torch.cat(cond)], logits[torch.cat(uncond)], torch.cat(scale),
-                               torch.cat(temperature), draw_uniforms([s.generator for s in states], counts))
+                               torch.cat(temperature), draw_uniforms(generators, counts))
         start = 0
-        for s, n in zip(states, counts):
+        for s in states:
             row, col = divmod(s.steps_done, IMAGE_SIZE)  # raster order
-            s.x[:, 0, row, col] = levels[start:start + n].float()
-            start += n
+            s.x[:, 0, row, col] = levels[start:start + s.request.n].float()
+            start += s.request.n
 
     def images(self, state: PixelCNNState) -> torch.Tensor:
         """Runs when a request finishes: its pixels as uint8 [n, 1, 28, 28]."""

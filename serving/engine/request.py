@@ -106,24 +106,33 @@ class PixelCNNRequest:
     seed: int = 0                  # seeds the request's own generator: one uniform per image per pixel
     n: int = 1                     # images
     deadline: float | None = None  # absolute time.monotonic(); past it the request is dropped
+    # per image, as DiffusionRequest's: image i is then the 1-image request's with class_ids[i] and seeds[i]
+    class_ids: tuple[int, ...] | None = None
+    seeds: tuple[int, ...] | None = None
 
     def __post_init__(self):
         _check_common(self.class_id, self.seed, self.n, self.deadline)
+        _check_per_image(self.class_ids, self.seeds, self.n)
         if not (isinstance(self.temperature, (int, float)) and 0.0 < self.temperature < math.inf):
             raise ValueError(f"temperature must be a finite number > 0, got {self.temperature!r}")
         if not (isinstance(self.guidance_scale, (int, float)) and 0.0 <= self.guidance_scale < math.inf):
             raise ValueError(f"guidance_scale must be a finite number >= 0, got {self.guidance_scale!r}")
 
     @property
-    def guided(self) -> bool:
+    def classes(self) -> tuple[int, ...]:
+        """Each image's class."""
+        return self.class_ids if self.class_ids is not None else (self.class_id,) * self.n
+
+    @property
+    def guided_images(self) -> tuple[bool, ...]:
         """Whether each image needs an unconditional row too: not for NULL_CLASS, whose guided logits
         l_u + s (l_u - l_u) are its own."""
-        return self.guidance_scale != 1.0 and self.class_id != NULL_CLASS
+        return tuple(self.guidance_scale != 1.0 and c != NULL_CLASS for c in self.classes)
 
     @property
     def rows(self) -> int:
-        """PixelCNN rows this request takes in every forward: one per image, two when guided."""
-        return self.n * (2 if self.guided else 1)
+        """PixelCNN rows this request takes in every forward: one per image, two for a guided one."""
+        return self.n + sum(self.guided_images)
 
 
 Request = DiffusionRequest | PixelCNNRequest
@@ -147,8 +156,10 @@ class PixelCNNState(RequestState):
     """A PixelCNN request in the engine: its image, sampled up to pixel steps_done."""
 
     request: PixelCNNRequest
-    generator: torch.Generator     # the request's own, seeded from request.seed
-    x: torch.Tensor | None = None  # [n, 1, 28, 28] float32 levels 0..255: pixels before steps_done are sampled
+    generators: list[torch.Generator]  # the request's own: one from request.seed, or one per image
+    x: torch.Tensor | None = None      # [n, 1, 28, 28] float32 levels 0..255: pixels before steps_done are sampled
+    guided: torch.Tensor | None = None  # [n] bool: the images with an unconditional row
+    y: torch.Tensor | None = None       # [rows] int64: each image's class, then NULL_CLASS per guided image
 
 
 def make_state(request_id: str, request: Request, now: float) -> RequestState:
@@ -169,8 +180,11 @@ def make_state(request_id: str, request: Request, now: float) -> RequestState:
                               solver=SAMPLERS[request.sampler].state.initial(x_T), generators=generators,
                               guided=guided, y=y, **common)
     if isinstance(request, PixelCNNRequest):
+        guided = torch.tensor(request.guided_images)
         return PixelCNNState(steps_total=NUM_PIXELS, x=torch.zeros(shape),
-                             generator=torch.Generator().manual_seed(request.seed), **common)
+                             generators=[torch.Generator().manual_seed(s) for s in request.seeds or (request.seed,)],
+                             guided=guided, y=torch.tensor(request.classes + (NULL_CLASS,) * int(guided.sum()),
+                                                           dtype=torch.int64), **common)
     raise TypeError(f"unknown request type {type(request).__name__}")
 
 
