@@ -117,7 +117,7 @@ class Admission:
         outcome = self.policy.decide(ask, time.monotonic())
         if isinstance(outcome, Rejection):
             raise APIError(outcome.http_status, outcome.message, code=outcome.reason, retry_after_s=outcome.retry_after_s)
-        default = None if outcome.best_effort else outcome.slo_ms / 1000  # best effort: late rather than dropped
+        default = None if hints.best_effort else outcome.slo_ms / 1000  # best effort: late rather than dropped
         return outcome, dataclasses.replace(job, setting=outcome.setting, timeout_s=job.timeout_s or default)
 
     def finish(self, decision: Decision, outcome: Outcome) -> dict[str, Any]:
