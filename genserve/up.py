@@ -19,12 +19,19 @@ import os
 import signal
 import socket
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
 
 DEFAULT_PORT = 8000
 DEFAULT_HOST = "127.0.0.1"   # a laptop's server is not the network's: --host 0.0.0.0 opens it
+# A Ctrl-C that is not waiting for requests in flight (one during start-up, or the second one) stops within
+# this, whatever Ray is doing: a ray.init cut short can swallow the interrupt or hang its own teardown, and
+# then what is left is killed
+FORCED_STOP_S = 15.0
+_serving = threading.Event()   # set while the app serves: the first Ctrl-C then lets requests in flight finish
+_forced_stop: threading.Timer | None = None
 
 
 def local_cpus(config: dict[str, Any]) -> int:
@@ -46,10 +53,28 @@ def _check_port_free(host: str, port: int) -> None:
 
 
 def _interrupt(signum, frame):
-    raise KeyboardInterrupt  # SIGTERM stops `up` the way Ctrl-C does, wherever it is
+    """SIGINT and SIGTERM: stop `up` wherever it is (KeyboardInterrupt), and unless the stop is the graceful
+    one, make sure it takes at most FORCED_STOP_S."""
+    global _forced_stop
+    if _forced_stop is None and not _serving.is_set():
+        _forced_stop = threading.Timer(FORCED_STOP_S, _force_stop)
+        _forced_stop.daemon = True
+        _forced_stop.start()
+    _serving.clear()  # a second Ctrl-C while requests finish arms the timer too
+    raise KeyboardInterrupt
+
+
+def _force_stop() -> None:
+    import psutil
+
+    print(f"genserve: stopping took over {FORCED_STOP_S:.0f} s; killing what is left", file=sys.stderr, flush=True)
+    for proc in psutil.Process().children(recursive=True):
+        proc.kill()
+    os._exit(1)
 
 
 def run_up(args: argparse.Namespace) -> None:
+    signal.signal(signal.SIGINT, _interrupt)
     signal.signal(signal.SIGTERM, _interrupt)
     try:
         if args.address:
@@ -100,6 +125,7 @@ def _up_alone(args: argparse.Namespace) -> None:
         start_local_ray(num_cpus=cpus)
         deploy_local(config, timeout_s=args.timeout)
         serving = True
+        _serving.set()
         where = f"http://{'127.0.0.1' if http['host'] in ('0.0.0.0', '::') else http['host']}:{http['port']}"
         print(f"genserve: serving {', '.join(models)} at {where}/v1 "
               f"(ready in {time.perf_counter() - started:.0f} s); Ctrl-C stops")

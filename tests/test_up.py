@@ -236,3 +236,33 @@ def test_address_deploys_onto_the_cluster_and_ctrl_c_removes_it(gan_store, ray_s
     assert proc.returncode == 0
     assert serve_details(dashboard).get("applications", {}) == {}
     assert all(psutil.pid_exists(p) for p in cluster)
+
+
+def test_a_start_up_that_swallows_ctrl_c_is_stopped_anyway(tmp_path):
+    """Ray's start-up can catch the KeyboardInterrupt itself (or hang its teardown): `up` still ends within
+    FORCED_STOP_S of the Ctrl-C, and kills what it started. Here start-up is a loop that ignores every
+    interrupt and has a child process running."""
+    script = tmp_path / "stuck.py"
+    script.write_text(
+        "import subprocess, sys, time\n"
+        "from genserve import up\n"
+        "up.FORCED_STOP_S = 2.0\n"
+        "def stuck(args):\n"
+        "    child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)'])\n"
+        "    print(child.pid, flush=True)\n"
+        "    while True:\n"
+        "        try:\n"
+        "            time.sleep(0.1)\n"
+        "        except KeyboardInterrupt:\n"
+        "            pass\n"
+        "up._up_alone = stuck\n"
+        "up.run_up(type('Args', (), {'address': None})())\n")
+    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    child = psutil.Process(int(proc.stdout.readline()))
+    start = time.monotonic()
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=30) == 1
+    assert 1.5 < time.monotonic() - start < 10
+    assert "killing what is left" in proc.stderr.read()
+    assert not child.is_running() or child.status() == psutil.STATUS_ZOMBIE
