@@ -5,6 +5,7 @@ replica's exception at the caller as a RayTaskError that is also an instance of 
 from __future__ import annotations
 
 import functools
+import inspect
 import re
 
 
@@ -75,6 +76,15 @@ _PATH = re.compile(r"(?:\b[a-z][a-z0-9+.-]*://|(?<![\w.])/)[^\s;,'\"()]+")  # fi
 def unless_unavailable(method):
     """Decorate a model replica's async method: when the replica's model failed to load (`self.load_error`,
     a ModelUnavailable), raise it instead of running."""
+    if inspect.isasyncgenfunction(method):  # a streaming method: raise on the first item
+        @functools.wraps(method)
+        async def stream(self, *args, **kwargs):
+            if self.load_error is not None:
+                raise ModelUnavailable(self.load_error.model, self.load_error.reason)
+            async for item in method(self, *args, **kwargs):
+                yield item
+        return stream
+
     @functools.wraps(method)
     async def call(self, *args, **kwargs):
         if self.load_error is not None:

@@ -12,8 +12,12 @@ step engine's max_waiting_rows) is a 503 with Retry-After at once (gRPC RESOURCE
 
 Imports no runtime and no torch: the model deployments hold the sessions and the engine."""
 import asyncio
+import contextlib
 import dataclasses
+import math
 import time
+from collections.abc import AsyncIterator
+from contextlib import aclosing
 from typing import Any
 
 from ray import serve
@@ -25,14 +29,17 @@ from serving.api.http import api, logger
 from model_store.manifest import Manifest
 from serving.api.admission import (START_HEADER, TIMEOUT_HEADER, Admission, Outcome, client_timeout_s,
                                    note_client_timeout, note_request_start, spent_before_ingress_s)
-from serving.api.jobs import GenerationJob, GenerationResult, ImagesJob, InterpolationJob, PolicyHints
+from serving.api.jobs import (GenerationJob, GenerationPreview, GenerationResult, ImagesJob, InterpolationJob,
+                              PolicyHints)
 from serving.api.errors import APIError
 from serving.api import family_routes, kserve_http, openai_routes, playground
 from serving.api.kserve import OpenInference
 from serving.api.kserve_grpc import GRPCInferenceService
 from serving.api.validation import AUTO
+from serving.config import ITERATIVE_GRAPH
 from serving.errors import DeadlineExceeded, EngineOverloaded, EngineStopped, ModelUnavailable, RequestCancelled
 from serving.observability import note_model, observe_model_call, record_decision, record_retry
+from serving.policy import Decision
 
 # A full queue drains within about a batch's time (a diffusion step at full batch is ~0.15 s here): a client
 # told to come back in a second finds room, and is not told to wait out a whole queue it would not be in
@@ -97,10 +104,37 @@ class Ingress(GRPCInferenceService):  # gRPC: Serve's proxy calls the method nam
 
     async def generate(self, model: str, jobs: list[GenerationJob], hints: PolicyHints | None = None
                        ) -> list[GenerationResult]:
-        """One request's images, through the policy: admitted once for all its jobs (a v2 request is a job
-        per image), `auto` resolved to the model and settings the policy chose, the jobs run concurrently.
-        Each result carries the policy's account of the choice. Raises APIError (429 + Retry-After when
-        nothing can meet the deadline, the model call's errors otherwise)."""
+        """One request's images, through the policy: admitted once for all its jobs, `auto` resolved to the
+        model and settings the policy chose, the jobs run concurrently. Each result carries the policy's
+        account of the choice. Raises APIError (429 + Retry-After when nothing can meet the deadline, the
+        model call's errors otherwise)."""
+        decision, model, jobs = self._admit(model, jobs, hints)
+        async with self._accounted(decision) as account:
+            results = await _all(self.generate_with(model, job) for job in jobs)
+        return [dataclasses.replace(r, policy=account.get("policy")) for r in results]
+
+    async def generate_stream(self, model: str, jobs: list[GenerationJob], hints: PolicyHints | None = None
+                              ) -> AsyncIterator[tuple[int, GenerationPreview | GenerationResult]]:
+        """generate, streamed: (job index, event) pairs: each job's previews (job.previews of them; iterative
+        models only) as its model's engine makes them, then every job's GenerationResult with the policy's
+        account. Admitted as generate, on the first __anext__ (which raises its APIError). Closing the stream
+        early (the client went away) cancels the model calls: their rows leave the engine at its next step."""
+        decision, model, jobs = self._admit(model, jobs, hints)
+        results: dict[int, GenerationResult] = {}
+        async with self._accounted(decision) as account:
+            async with aclosing(_merged([self._stream_job(model, job) for job in jobs])) as events:
+                async for i, event in events:
+                    if isinstance(event, GenerationResult):
+                        results[i] = event  # finals go out together, once the account is complete
+                    else:
+                        yield i, event
+        for i in sorted(results):
+            yield i, dataclasses.replace(results[i], policy=account.get("policy"))
+
+    def _admit(self, model: str, jobs: list[GenerationJob], hints: PolicyHints | None
+               ) -> tuple[Decision | None, str, list[GenerationJob]]:
+        """The request's deadline on its jobs (the client's timeout if tighter, less the time spent before the
+        ingress), then the policy's decision (None without admission): the model to call and the jobs to send."""
         if (left := client_timeout_s()) is not None:  # the client's timeout is the deadline if tighter
             jobs = [dataclasses.replace(j, timeout_s=min(j.timeout_s or left, left)) for j in jobs]
         if spent := spent_before_ingress_s():  # X-Request-Start: the budget counts from the client's side
@@ -109,25 +143,59 @@ class Ingress(GRPCInferenceService):  # gRPC: Serve's proxy calls the method nam
             if model == AUTO:
                 raise APIError(400, "model 'auto' needs the policy, which this application runs without "
                                     "(args.admission: false); name a model", param="model")
-            return await _all(self.generate_with(model, job) for job in jobs)
+            return None, model, jobs
         self.admission.watch(self.models)
         whole = dataclasses.replace(jobs[0], n=sum(j.n for j in jobs))
         decision, chosen = self.admission.admit(model, whole, hints)
         record_decision(decision.label)
+        return decision, decision.model, [dataclasses.replace(j, setting=chosen.setting, timeout_s=chosen.timeout_s)
+                                          for j in jobs]
+
+    @contextlib.asynccontextmanager
+    async def _accounted(self, decision: Decision | None) -> AsyncIterator[dict[str, Any]]:
+        """Around an admitted request's model calls: tells the policy how it ended, and leaves the response's
+        account of the choice (with the actual latency) in the yielded dict's "policy"."""
+        account: dict[str, Any] = {}
+        if decision is None:
+            yield account
+            return
         outcome = Outcome.FAILED
         try:
-            results = await _all(self.generate_with(decision.model, dataclasses.replace(
-                job, setting=chosen.setting, timeout_s=chosen.timeout_s)) for job in jobs)
+            yield account
             outcome = Outcome.OK
         except APIError as err:
             outcome = Outcome.EXPIRED if err.status == 504 else Outcome.FAILED
             raise
-        except asyncio.CancelledError:
+        except (asyncio.CancelledError, GeneratorExit):
             outcome = Outcome.CANCELLED
             raise
         finally:
-            account = self.admission.finish(decision, outcome)
-        return [dataclasses.replace(r, policy=account) for r in results]
+            account["policy"] = self.admission.finish(decision, outcome)
+
+    async def _stream_job(self, model: str, job: GenerationJob) -> AsyncIterator[GenerationPreview | GenerationResult]:
+        """One job's previews and result, outside the policy. A one-pass model (or a job without previews)
+        answers in one call; an iterative model streams from its generate_stream, within the job's deadline."""
+        if not job.previews or self.families[model] not in ITERATIVE_GRAPH:
+            yield await self.generate_with(model, job)
+            return
+        note_model(model)
+        timeout = min(job.timeout_s or self.timeout_s, client_timeout_s() or math.inf)
+        with observe_model_call(model, job.n, job.timeout_s):
+            stream = self.models[model].options(stream=True).generate_stream.remote(
+                dataclasses.replace(job, timeout_s=timeout))
+            try:
+                async with asyncio.timeout(timeout):
+                    async for event in stream:
+                        yield event
+            except TimeoutError:
+                raise APIError(504, f"{model} did not answer within {timeout * 1000:.0f} ms",
+                               code="deadline_exceeded") from None
+            except (APIError, asyncio.CancelledError, GeneratorExit):
+                raise
+            except Exception as exc:
+                raise _model_error(model, exc) from None
+            finally:
+                stream.cancel()  # a no-op once it ended; else the request leaves the engine at its next step
 
     async def generate_with(self, model: str, job: GenerationJob) -> GenerationResult:
         """One job on a served model, outside the policy (generate() admits first): one call to the model's deployment, bounded by the job's SLO (else the ingress timeout); its
@@ -186,18 +254,55 @@ class Ingress(GRPCInferenceService):  # gRPC: Serve's proxy calls the method nam
         except RequestCancelledError:
             raise APIError(503, f"the request to {model} was cancelled", code="request_cancelled") from None
         except Exception as exc:
-            cause = getattr(exc, "cause", None) or exc  # a RayTaskError carries the replica's exception
-            if isinstance(cause, (ActorDiedError, ActorUnavailableError)):
-                raise cause from None
-            for error, (status, code, retry_after_s) in _REQUEST_ERRORS.items():
-                if isinstance(cause, error):
-                    raise APIError(status, str(cause), code=code, retry_after_s=retry_after_s) from None
-            if isinstance(cause, ValueError):  # a check the deployment makes (the API checks first)
-                raise APIError(400, str(cause)) from None
-            # the details (which may name files or hosts) go to the log, not to the client
-            logger.exception("genserve ingress: %s failed", model)
-            raise APIError(500, f"{model} failed ({type(cause).__name__}); the server log has the details",
-                           code="model_error") from None
+            raise _model_error(model, exc) from None
+
+
+def _model_error(model: str, exc: Exception) -> Exception:
+    """What a model call's exception becomes: its APIError (serving.errors' on purpose errors, a ValueError's
+    400, else a 500 whose details go to the log, not the client), or Ray's own error for a lost replica."""
+    cause = getattr(exc, "cause", None) or exc  # a RayTaskError carries the replica's exception
+    if isinstance(cause, (ActorDiedError, ActorUnavailableError)):
+        return cause
+    for error, (status, code, retry_after_s) in _REQUEST_ERRORS.items():
+        if isinstance(cause, error):
+            return APIError(status, str(cause), code=code, retry_after_s=retry_after_s)
+    if isinstance(cause, ValueError):  # a check the deployment makes (the API checks first)
+        return APIError(400, str(cause))
+    logger.error("genserve ingress: %s failed", model, exc_info=exc)
+    return APIError(500, f"{model} failed ({type(cause).__name__}); the server log has the details", code="model_error")
+
+
+async def _merged(streams: list[AsyncIterator]) -> AsyncIterator[tuple[int, Any]]:
+    """(i, item) from every stream as each item comes, each stream read by its own task; the first failure
+    is raised, and it (or closing the merged stream early) cancels the rest."""
+    queue: asyncio.Queue[tuple[int, Any, Exception | None]] = asyncio.Queue()
+
+    async def pump(i: int, stream: AsyncIterator) -> None:
+        try:
+            async with aclosing(stream):
+                async for item in stream:
+                    await queue.put((i, item, None))
+            await queue.put((i, _END, None))
+        except Exception as exc:
+            await queue.put((i, None, exc))
+
+    tasks = [asyncio.ensure_future(pump(i, stream)) for i, stream in enumerate(streams)]
+    try:
+        running = len(tasks)
+        while running:
+            i, item, error = await queue.get()
+            if error is not None:
+                raise error
+            if item is _END:
+                running -= 1
+            else:
+                yield i, item
+    finally:
+        for task in tasks:
+            task.cancel()
+
+
+_END = object()  # a stream's last item in _merged's queue
 
 
 async def _all(calls) -> list:

@@ -31,6 +31,7 @@ class GenerationJob:
     # n: image i's class. class_id is then the one admission costs the job by: a conditional one if any image
     # has one, as a guided image takes two rows
     class_ids: tuple[int, ...] | None = None
+    previews: int = 0                    # partial images streamed before the final ones (iterative families)
 
 
 @dataclass(frozen=True)
@@ -56,6 +57,21 @@ class GenerationResult:
     policy: dict | None = None  # the ingress's account of the policy's choice (serving.api.admission)
     node: str = ""              # IP address of the Ray node whose replica made them
     walk: tuple[str, str] | None = None  # interpolate: its endpoints ("seeds" | "images") and path ("slerp" | "lerp")
+
+
+@dataclass
+class GenerationPreview:
+    """A partial result of a streamed generation (GenerationJob.previews > 0), before its GenerationResult:
+    diffusion's current prediction of the clean images (x̂₀), PixelCNN's pixels sampled so far."""
+
+    images: np.ndarray          # uint8 [n, 28, 28]
+    index: int                  # 0, 1, ... in the order they were taken (OpenAI's partial_image_index)
+    step: int                   # engine steps done when it was taken
+    steps: int                  # engine steps the job takes in all
+    model: str
+    version: str
+    family: str
+    replica_ms: float           # from the job reaching the replica to this preview
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,6 @@
 """The iterative deployment (diffusion, pixelcnn): one replica serves one model version through the
-step-batched engine beside it (serving.engine); every request is `await engine.submit(request)`, and joins
-and leaves the running batch at step boundaries. The engine (and torch, for the sampler maths) lives in
+step-batched engine beside it (serving.engine); every request is `engine.stream(request)`, and joins
+and leaves the running batch at step boundaries; `generate_stream` hands its previews on as they are made. The engine (and torch, for the sampler maths) lives in
 this replica only; the ingress never imports it.
 
 A replica whose model fails to load stays up and answers every call with ModelUnavailable (serving.errors
@@ -11,14 +11,17 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import AsyncIterator
+from contextlib import aclosing
 from dataclasses import asdict
 
 import numpy as np
 from ray import serve
 
-from core.contracts import sample_inputs
+from core.contracts import NUM_PIXELS, sample_inputs
 from core.settings import DPMPP_2M, SamplingSetting
-from serving.api.jobs import GenerationJob, GenerationResult, ImagesJob, LikelihoodResult, ModelInfo, ReplicaLoad
+from serving.api.jobs import (GenerationJob, GenerationPreview, GenerationResult, ImagesJob, LikelihoodResult, ModelInfo,
+                              ReplicaLoad)
 from serving.config import ITERATIVE_GRAPH, IterativeConfig
 from serving.engine import (AsyncEngine, DiffusionRequest, DiffusionStepper, EngineCore, EngineMetrics, OnnxRunner,
                             PixelCNNRequest, PixelCNNStepper)
@@ -94,18 +97,25 @@ class IterativeDeployment:
                                 1.0 if s.guidance_scale is None else float(s.guidance_scale))
             return DiffusionRequest(class_id=job.class_id, seed=job.seed, n=job.n, deadline=deadline, sampler=s.sampler,
                                     steps=s.steps, guidance_scale=s.guidance_scale, class_ids=job.class_ids,
-                                    seeds=job.seeds), s
+                                    seeds=job.seeds, previews=job.previews), s
         s = SamplingSetting(guidance_scale=1.0 if default.guidance_scale is None else float(default.guidance_scale),
                             temperature=float(default.temperature or 1.0))
         return PixelCNNRequest(class_id=job.class_id, seed=job.seed, n=job.n, deadline=deadline,
                                temperature=s.temperature, guidance_scale=s.guidance_scale, class_ids=job.class_ids,
-                               seeds=job.seeds), s
+                               seeds=job.seeds, previews=job.previews), s
 
-    async def _sample(self, request):
-        """One request's images: it joins the engine's running batch (the request-level baseline overrides this)."""
+    def _stream(self, request) -> AsyncIterator:
+        """One request's engine outputs: it joins the engine's running batch."""
         if self._loop is None or self._loop.done():
             self._loop = asyncio.get_running_loop().create_task(self.engine.run())
-        return await self.timing.submit(self.engine, request)
+        return self.timing.stream(self.engine, request)
+
+    async def _sample(self, request):
+        """One request's images (the request-level baseline overrides this)."""
+        async with aclosing(self._stream(request)) as outputs:
+            async for output in outputs:
+                if output.finished:
+                    return output.images
 
     @unless_unavailable
     async def generate(self, job: GenerationJob) -> GenerationResult:
@@ -114,6 +124,25 @@ class IterativeDeployment:
         images = await self._sample(request)  # uint8 [n, 1, 28, 28]
         return GenerationResult(images.numpy()[:, 0], self.model.name, self.model.version, self.model.family,
                                 (time.perf_counter() - start) * 1000, settings, node=self.node)
+
+    @unless_unavailable
+    async def generate_stream(self, job: GenerationJob) -> AsyncIterator[GenerationPreview | GenerationResult]:
+        """generate, streamed (the ingress calls it with handle.options(stream=True)): the job's previews as the
+        engine makes them (job.previews of them, at evenly spaced steps), then its GenerationResult. When the
+        caller stops reading (its client went away), the request leaves the engine's batch at the next step."""
+        start = time.perf_counter()
+        request, settings = self._request(job)
+        steps = request.steps if isinstance(request, DiffusionRequest) else NUM_PIXELS
+        m = self.model
+        async with aclosing(self._stream(request)) as outputs:
+            async for output in outputs:
+                ms = (time.perf_counter() - start) * 1000
+                if output.finished:
+                    yield GenerationResult(output.images.numpy()[:, 0], m.name, m.version, m.family, ms, settings,
+                                           node=self.node)
+                else:
+                    yield GenerationPreview(output.images.numpy()[:, 0], output.preview_index, output.step, steps,
+                                            m.name, m.version, m.family, ms)
 
     @unless_unavailable
     async def log_likelihood(self, job: ImagesJob) -> LikelihoodResult:

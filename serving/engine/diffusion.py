@@ -63,6 +63,11 @@ class DiffusionStepper:
         alpha_t, alpha_prev = alphas_at(self.alphas_cumprod, t), alphas_at(self.alphas_cumprod, t_prev)
         offsets = torch.tensor([0] + [s.request.n for s in states]).cumsum(0).tolist()  # request i: images [o_i, o_i+1)
 
+        for i, s in enumerate(states):
+            if s.preview_due:  # x̂₀ = (x_t - √(1-ᾱ_t) ε) / √ᾱ_t, the clean images this step predicts: a preview
+                a = alpha_t[offsets[i]:offsets[i + 1]].double().view(-1, 1, 1, 1)
+                s.x0_pred = ((x[offsets[i]:offsets[i + 1]] - (1 - a).sqrt() * eps[offsets[i]:offsets[i + 1]])
+                             / a.sqrt()).float()
         last = torch.cat([torch.full((s.request.n,), s.steps_done == s.steps_total - 1) for s in states])  # [N]
         eta = torch.cat([torch.full((s.request.n,), float(s.request.eta), dtype=torch.float64) for s in states])
         for name, sampler in SAMPLERS.items():
@@ -82,6 +87,10 @@ class DiffusionStepper:
     def images(self, state: DiffusionState) -> torch.Tensor:
         """Runs when a request finishes: its x_0 as uint8 [n, 1, 28, 28]."""
         return to_uint8(state.x)
+
+    def preview(self, state: DiffusionState) -> torch.Tensor:
+        """Runs after a step at one of the request's preview points: that step's x̂₀ as uint8 [n, 1, 28, 28]."""
+        return to_uint8(state.x0_pred)
 
 
 def _step_noise(states: list[DiffusionState]) -> torch.Tensor | None:

@@ -41,6 +41,11 @@ class Stepper(Protocol):
         """Runs once per finished request: its images, uint8 [n, 1, 28, 28]."""
         ...
 
+    def preview(self, state: RequestState) -> torch.Tensor:
+        """Runs after update for a request that reached one of its preview points (state.preview_at): what its
+        images look like so far, uint8 [n, 1, 28, 28]."""
+        ...
+
 
 class EngineCore:
     """add_request / abort_request from any thread at any time; step() from one thread in a loop.
@@ -92,7 +97,7 @@ class EngineCore:
     def step(self) -> list[RequestOutput]:
         """One engine iteration. Returns the requests that ended during it: dropped before the forward
         (cancelled, expired), finished by it, or failed with it (the exception goes to every request
-        in the batch, and the engine carries on with the next step)."""
+        in the batch, and the engine carries on with the next step); and the previews it made (RUNNING)."""
         with self._lock:
             plan = self.scheduler.schedule(self.clock(), self._step_s)
             self.metrics.preempted += len(plan.preempted)
@@ -109,19 +114,32 @@ class EngineCore:
             else:
                 with self._lock:
                     finished = self.scheduler.update(plan)
-                outputs += [self._output(s) for s in finished]
+                outputs += [self._output(s) for s in finished] + self._previews(plan)
             self.metrics.record_step(plan.num_rows, time.perf_counter() - start, plan.max_rows)
             self._step_s = (self.clock() - started) or None
         with self._lock:
             self.metrics.record_load(self.scheduler.running, list(self.scheduler.waiting))
         for output in outputs:
-            self.metrics.record_end(output.status)
+            if output.finished:
+                self.metrics.record_end(output.status)
         return outputs
+
+    def _previews(self, plan: StepPlan) -> list[RequestOutput]:
+        """The planned requests still running that this step brought to a preview point. A preview is a copy
+        of a few images (x̂₀ was computed in the update): the step loop never waits on its encoding."""
+        previews = []
+        for s in plan.requests:
+            if s.status is Status.RUNNING and s.steps_done in s.preview_at:
+                previews.append(RequestOutput(s.request_id, Status.RUNNING, self.stepper.preview(s),
+                                              preview_index=s.previews_taken, step=s.steps_done))
+                s.previews_taken += 1
+        self.metrics.previews += len(previews)
+        return previews
 
     def _output(self, state: RequestState, cause: Exception | None = None) -> RequestOutput:
         args = (state.request_id, state.steps_done, state.steps_total)
         if state.status is Status.FINISHED:
-            return RequestOutput(state.request_id, state.status, self.stepper.images(state))
+            return RequestOutput(state.request_id, state.status, self.stepper.images(state), step=state.steps_done)
         if state.status is Status.CANCELLED:
             error = RequestCancelled(*args, "was cancelled")
         elif state.status is Status.EXPIRED:

@@ -32,6 +32,7 @@ class EngineMetrics:
     added: int = 0
     refused: int = 0                    # turned away: the waiting queue was at max_waiting_rows
     preempted: int = 0                  # pauses of a running request for a shorter one (Scheduler)
+    previews: int = 0                   # partial images streamed (RequestOutput with status RUNNING)
     finished: int = 0
     cancelled: int = 0
     expired: int = 0

@@ -60,3 +60,7 @@ class PixelCNNStepper:
     def images(self, state: PixelCNNState) -> torch.Tensor:
         """Runs when a request finishes: its pixels as uint8 [n, 1, 28, 28]."""
         return state.x.to(torch.uint8)
+
+    def preview(self, state: PixelCNNState) -> torch.Tensor:
+        """Runs after a step at one of the request's preview points: the pixels sampled so far (the rest 0)."""
+        return state.x.to(torch.uint8)

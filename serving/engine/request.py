@@ -13,10 +13,11 @@ import torch
 from core.contracts import NULL_CLASS, NUM_TRAIN_TIMESTEPS
 from core.contracts import NUM_PIXELS
 from core.samplers import SAMPLERS, inference_timesteps
-from serving.engine.state import RequestState, Status  # noqa: F401 (Status re-exported)
+from serving.engine.state import RequestState, Status, preview_steps  # noqa: F401 (Status re-exported)
 from serving.errors import DeadlineExceeded, RequestAborted, RequestCancelled, RequestFailed  # noqa: F401 (re-exported)
 
 MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed's range
+MAX_PREVIEWS = 3      # partial images a request may stream, as OpenAI's partial_images allows
 
 
 def _int_in(value, lo: int, hi: float = math.inf) -> bool:
@@ -24,8 +25,10 @@ def _int_in(value, lo: int, hi: float = math.inf) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and lo <= value <= hi
 
 
-def _check_common(class_id: int, seed: int, n: int, deadline: float | None) -> None:
+def _check_common(class_id: int, seed: int, n: int, deadline: float | None, previews: int = 0) -> None:
     """Checks every request type shares; messages name the field and the value received."""
+    if not _int_in(previews, 0, MAX_PREVIEWS):
+        raise ValueError(f"previews must be an integer in [0, {MAX_PREVIEWS}], got {previews!r}")
     if not _int_in(class_id, 0, NULL_CLASS):
         raise ValueError(f"class_id must be an integer in [0, {NULL_CLASS}] ({NULL_CLASS} = no class), "
                          f"got {class_id!r}")
@@ -64,9 +67,10 @@ class DiffusionRequest:
     # with class class_ids[i] and seed seeds[i], drawn from a generator of its own
     class_ids: tuple[int, ...] | None = None
     seeds: tuple[int, ...] | None = None
+    previews: int = 0              # x̂₀ previews streamed at evenly spaced steps before the final images
 
     def __post_init__(self):
-        _check_common(self.class_id, self.seed, self.n, self.deadline)
+        _check_common(self.class_id, self.seed, self.n, self.deadline, self.previews)
         _check_per_image(self.class_ids, self.seeds, self.n)
         if self.sampler not in SAMPLERS:
             raise ValueError(f"sampler must be one of {tuple(SAMPLERS)}, got {self.sampler!r}")
@@ -109,9 +113,10 @@ class PixelCNNRequest:
     # per image, as DiffusionRequest's: image i is then the 1-image request's with class_ids[i] and seeds[i]
     class_ids: tuple[int, ...] | None = None
     seeds: tuple[int, ...] | None = None
+    previews: int = 0              # the pixels sampled so far, streamed at evenly spaced steps
 
     def __post_init__(self):
-        _check_common(self.class_id, self.seed, self.n, self.deadline)
+        _check_common(self.class_id, self.seed, self.n, self.deadline, self.previews)
         _check_per_image(self.class_ids, self.seeds, self.n)
         if not (isinstance(self.temperature, (int, float)) and 0.0 < self.temperature < math.inf):
             raise ValueError(f"temperature must be a finite number > 0, got {self.temperature!r}")
@@ -149,6 +154,7 @@ class DiffusionState(RequestState):
     solver: Any = None                                  # the sampler's state of the n images (SAMPLERS[..].state)
     guided: torch.Tensor | None = None                  # [n] bool: the images with an unconditional row
     y: torch.Tensor | None = None                       # [rows] int64: each denoiser row's class (DiffusionStepper)
+    x0_pred: torch.Tensor | None = None                 # [n, 1, 28, 28]: the last preview step's x̂₀
 
 
 @dataclass(eq=False, kw_only=True)
@@ -171,6 +177,7 @@ def make_state(request_id: str, request: Request, now: float) -> RequestState:
     common = dict(request_id=request_id, n=request.n, rows=request.rows, arrival=now, deadline=request.deadline,
                   request=request)
     if isinstance(request, DiffusionRequest):
+        common["preview_at"] = preview_steps(request.steps, request.previews)
         generators = [torch.Generator().manual_seed(s) for s in request.seeds or (request.seed,)]
         x_T = randn_rows(generators, shape)
         guided = torch.tensor(request.guided_images)
@@ -180,6 +187,7 @@ def make_state(request_id: str, request: Request, now: float) -> RequestState:
                               solver=SAMPLERS[request.sampler].state.initial(x_T), generators=generators,
                               guided=guided, y=y, **common)
     if isinstance(request, PixelCNNRequest):
+        common["preview_at"] = preview_steps(NUM_PIXELS, request.previews)
         guided = torch.tensor(request.guided_images)
         return PixelCNNState(steps_total=NUM_PIXELS, x=torch.zeros(shape),
                              generators=[torch.Generator().manual_seed(s) for s in request.seeds or (request.seed,)],
@@ -199,12 +207,19 @@ def randn_rows(generators: list[torch.Generator], shape: tuple[int, ...]) -> tor
 
 @dataclass
 class RequestOutput:
-    """How one request ended; the engine's step returns these."""
+    """How one request ended, or one of its previews (status RUNNING), as vLLM streams a request's outputs;
+    the engine's step returns these."""
 
     request_id: str
-    status: Status                      # FINISHED, CANCELLED, EXPIRED or FAILED
-    images: torch.Tensor | None         # [n, 1, 28, 28] uint8 when FINISHED
-    error: RequestAborted | None = None  # why there are no images otherwise
+    status: Status                      # RUNNING (a preview), FINISHED, CANCELLED, EXPIRED or FAILED
+    images: torch.Tensor | None         # [n, 1, 28, 28] uint8 when FINISHED or a preview
+    error: Exception | None = None      # why there are no images otherwise (a RequestAborted, EngineStopped)
+    preview_index: int | None = None    # 0, 1, ... for a preview
+    step: int = 0                       # steps done when it was made
+
+    @property
+    def finished(self) -> bool:
+        return self.status is not Status.RUNNING
 
     def result(self) -> torch.Tensor:
         """The images, or raise the error."""

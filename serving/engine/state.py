@@ -31,6 +31,8 @@ class RequestState:
     steps_done: int = 0
     status: Status = Status.WAITING
     cancel_requested: bool = False   # set by abort(); it leaves at the next schedule()
+    preview_at: tuple[int, ...] = ()  # steps_done values after which a preview of its images is streamed
+    previews_taken: int = 0
 
     @property
     def done(self) -> bool:
@@ -39,3 +41,15 @@ class RequestState:
     @property
     def remaining(self) -> int:
         return self.steps_total - self.steps_done
+
+    @property
+    def preview_due(self) -> bool:
+        """The step now running ends at one of its preview points (read by the stepper's update, before the
+        step is counted)."""
+        return self.steps_done + 1 in self.preview_at
+
+
+def preview_steps(steps: int, previews: int) -> tuple[int, ...]:
+    """Where `previews` previews of a `steps`-step request fall: evenly spaced, never at 0 or at the end
+    (the final image is no preview). 3 over 20 steps: after steps 5, 10 and 15."""
+    return tuple(sorted({round(steps * i / (previews + 1)) for i in range(1, previews + 1)} - {0, steps}))

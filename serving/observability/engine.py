@@ -7,6 +7,8 @@ import asyncio
 import itertools
 import threading
 import time
+from collections.abc import AsyncIterator
+from contextlib import aclosing
 from typing import TYPE_CHECKING
 
 from serving.observability.metrics import record_engine, record_request_times
@@ -15,7 +17,7 @@ if TYPE_CHECKING:
     import torch
 
     from serving.engine import AsyncEngine, EngineMetrics, Request, StepPlan, Stepper
-    from serving.engine.request import RequestState
+    from serving.engine.request import RequestOutput, RequestState
 
 # Well under Ray's export interval (>= 1 s), whose gauges lapse after two intervals without a value.
 EXPORT_PERIOD_S = 0.5
@@ -30,8 +32,8 @@ async def export_engine_metrics(model: str, metrics: EngineMetrics) -> None:
 
 
 class StepTiming:
-    """A Stepper that runs another and notes when each request's first forward begins. submit() is
-    AsyncEngine.submit, recording each served request's queue and compute time."""
+    """A Stepper that runs another and notes when each request's first forward begins. stream() is
+    AsyncEngine.stream, recording each served request's queue and compute time."""
 
     def __init__(self, stepper: Stepper, model: str):
         self.stepper, self.model = stepper, model
@@ -56,16 +58,22 @@ class StepTiming:
     def images(self, state: RequestState) -> torch.Tensor:
         return self.stepper.images(state)
 
-    async def submit(self, engine: AsyncEngine, request: Request) -> torch.Tensor:
+    def preview(self, state: RequestState) -> torch.Tensor:
+        return self.stepper.preview(state)
+
+    async def stream(self, engine: AsyncEngine, request: Request) -> AsyncIterator[RequestOutput]:
+        """AsyncEngine.stream, recording a served request's queue and compute time when it finishes."""
         request_id = f"timed-{next(self._ids)}"
         start = time.perf_counter()
         self._first_forward[request_id] = None
         try:
-            images = await engine.submit(request, request_id)
+            async with aclosing(engine.stream(request, request_id)) as outputs:
+                async for output in outputs:
+                    if output.finished:
+                        first = self._first_forward.get(request_id)
+                        if first is not None:
+                            record_request_times(self.model, first - start, time.perf_counter() - first)
+                    yield output
         finally:
             with self._lock:
-                first = self._first_forward.pop(request_id)
-        end = time.perf_counter()
-        if first is not None:
-            record_request_times(self.model, first - start, end - first)
-        return images
+                self._first_forward.pop(request_id)
