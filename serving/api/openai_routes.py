@@ -19,7 +19,8 @@ router = APIRouter()
 
 
 @router.post("/v1/images/generations", summary="Generate images (OpenAI Images API)",
-             **schema.describe(schema.ImageGenerationRequest, schema.ImagesResponse, *schema.GENERATION_ERRORS))
+             **schema.describe(schema.ImageGenerationRequest, schema.ImagesResponse, *schema.GENERATION_ERRORS,
+                               streams=True))
 async def generations(request: Request, ingress=Depends(current_ingress)) -> JSONResponse:
     start = time.perf_counter()
     req = parse_image_request(decode_json(await request.body()), ingress.families)

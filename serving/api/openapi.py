@@ -128,6 +128,11 @@ class ImageGenerationRequest(Strict):
     goal: Literal[GOALS] | None = Field(
         None, description="auto: only models that can also do this (likelihood: flow, pixelcnn; latent: vae)")
     best_effort: bool | None = Field(None, description="nothing fits the SLO: the fastest model, not a 429")
+    stream: bool | None = Field(None, description="answer with server-sent events (text/event-stream): partial "
+                                                  "images, then one image_generation.completed per image")
+    partial_images: Annotated[int, Field(ge=0, le=3)] | None = Field(
+        None, description="with stream: previews per image (diffusion's x̂₀, PixelCNN's pixels so far; one-pass "
+                          "models have none)")
     max_fd: Annotated[float, Field(gt=0)] | None = Field(None, description="auto: a quality floor")
     min_class_accuracy: Annotated[float, Field(ge=0, le=1)] | None = Field(None, description="auto: a quality floor")
     style: Any = Field(None, description="accepted and ignored (OpenAI)")
@@ -405,12 +410,17 @@ _RETRY_AFTER = {"Retry-After": {"description": "seconds to wait before retrying,
                                 "schema": {"type": "string"}}}
 
 
-def describe(request: type[BaseModel] | None, response: type[BaseModel], *errors: int) -> dict[str, Any]:
-    """Route decorator arguments: `request` as the JSON body, `response` for 200, and ErrorResponse for
-    each status in errors (default: 400, 404, 503, 504)."""
+def describe(request: type[BaseModel] | None, response: type[BaseModel], *errors: int, streams: bool = False
+             ) -> dict[str, Any]:
+    """Route decorator arguments: `request` as the JSON body, `response` for 200 (streams: or server-sent
+    events), and ErrorResponse for each status in errors (default: 400, 404, 503, 504)."""
     kwargs: dict[str, Any] = {"responses": {200: {"model": response}, **{
         status: {"model": ErrorResponse, "description": _STATUS_TEXT.get(status, "error")}
         for status in errors or tuple(_ERRORS)}}}
+    if streams:
+        kwargs["responses"][200]["content"] = {"text/event-stream": {"schema": {
+            "type": "string", "description": "with stream: true, server-sent events: image_generation.partial_image, "
+                                             "image_generation.completed, or error (OpenAI's error body)"}}}
     if request is not None:
         _REQUEST_MODELS.append(request)
         kwargs["openapi_extra"] = {"requestBody": {"required": True, "content": {"application/json": {
