@@ -51,8 +51,28 @@ def _check_per_image(class_ids: tuple[int, ...] | None, seeds: tuple[int, ...] |
         _check_common(0, seed, 1, None)
 
 
+class _PerImage:
+    """What both request types derive from their class_id / class_ids and guidance_scale."""
+
+    @property
+    def classes(self) -> tuple[int, ...]:
+        """Each image's class."""
+        return self.class_ids if self.class_ids is not None else (self.class_id,) * self.n
+
+    @property
+    def guided_images(self) -> tuple[bool, ...]:
+        """Whether each image needs an unconditional row too. Not for NULL_CLASS: both rows would be the same
+        forward, and guidance u + s (u - u) = u whatever s, so one row does."""
+        return tuple(self.guidance_scale != 1.0 and c != NULL_CLASS for c in self.classes)
+
+    @property
+    def rows(self) -> int:
+        """Rows this request takes in every forward (one per image, two for a guided one): the batch budget's unit."""
+        return self.n + sum(self.guided_images)
+
+
 @dataclass(frozen=True)
-class DiffusionRequest:
+class DiffusionRequest(_PerImage):
     """n images of one class from the diffusion denoiser; validated on construction."""
 
     class_id: int                  # 0..9, or NULL_CLASS for unconditional
@@ -83,25 +103,9 @@ class DiffusionRequest:
         if self.eta != 0.0 and not SAMPLERS[self.sampler].stochastic:
             raise ValueError(f"eta applies only to the 'ddim' sampler, got eta={self.eta} with {self.sampler!r}")
 
-    @property
-    def classes(self) -> tuple[int, ...]:
-        """Each image's class."""
-        return self.class_ids if self.class_ids is not None else (self.class_id,) * self.n
-
-    @property
-    def guided_images(self) -> tuple[bool, ...]:
-        """Whether each image needs an unconditional row too. For NULL_CLASS both rows would be the
-        same forward, and ε_u + s (ε_u - ε_u) = ε_u whatever s: one row does."""
-        return tuple(self.guidance_scale != 1.0 and c != NULL_CLASS for c in self.classes)
-
-    @property
-    def rows(self) -> int:
-        """Denoiser rows this request takes in every forward: the unit of the batch budget."""
-        return self.n + sum(self.guided_images)
-
 
 @dataclass(frozen=True)
-class PixelCNNRequest:
+class PixelCNNRequest(_PerImage):
     """n images of one class from the PixelCNN, one pixel per step; validated on construction."""
 
     class_id: int                  # 0..9, or NULL_CLASS for unconditional
@@ -122,22 +126,6 @@ class PixelCNNRequest:
             raise ValueError(f"temperature must be a finite number > 0, got {self.temperature!r}")
         if not (isinstance(self.guidance_scale, (int, float)) and 0.0 <= self.guidance_scale < math.inf):
             raise ValueError(f"guidance_scale must be a finite number >= 0, got {self.guidance_scale!r}")
-
-    @property
-    def classes(self) -> tuple[int, ...]:
-        """Each image's class."""
-        return self.class_ids if self.class_ids is not None else (self.class_id,) * self.n
-
-    @property
-    def guided_images(self) -> tuple[bool, ...]:
-        """Whether each image needs an unconditional row too: not for NULL_CLASS, whose guided logits
-        l_u + s (l_u - l_u) are its own."""
-        return tuple(self.guidance_scale != 1.0 and c != NULL_CLASS for c in self.classes)
-
-    @property
-    def rows(self) -> int:
-        """PixelCNN rows this request takes in every forward: one per image, two for a guided one."""
-        return self.n + sum(self.guided_images)
 
 
 Request = DiffusionRequest | PixelCNNRequest
