@@ -1,6 +1,6 @@
 """Streamed previews: what they cost the step engine, and what they buy the client.
 
-    python -m benchmarks.serving previews [--out benchmarks/results] [--store model_store_data]
+    python -m benchmarks.previews [--out benchmarks/results] [--store model_store_data]
 
 1. Cost. The mixed benchmark's workload (diffusion, DPM-Solver++(2M), guided: two rows an image, steps drawn
    from {10, 25, 50}) saturating one diffusion replica through the OpenAI endpoint: a closed loop of USERS
@@ -15,6 +15,7 @@ Writes OUT/previews.md and previews.json.
 """
 from __future__ import annotations
 
+import argparse
 import asyncio
 import random
 import statistics
@@ -25,6 +26,8 @@ from typing import Any
 import aiohttp
 
 from benchmarks.serving import MIXED_STEPS, engine_stats, genserve_app, serving, write
+from genserve.build import build
+from model_store.store import ModelStore
 
 USERS = 48          # guided requests take two rows: 32 fill the engine's 64-row budget, the rest queue
 WARMUP_S = 5.0
@@ -136,3 +139,17 @@ def _markdown(data: dict[str, Any]) -> str:
                      f"{t['first_preview_s'] / t['final_s']:.2f} |")
     lines.append(f"\nOne request at a time, 3 partial images, median of {ALONE_REPEATS}.")
     return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.previews", description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    parser.add_argument("--store", default="model_store_data")
+    args = parser.parse_args(argv)
+    store = ModelStore.open(args.store)
+    build(store, log=lambda line: print(line, flush=True))   # a no-op when the store is current
+    previews(store.uri, args.out)
+
+
+if __name__ == "__main__":
+    main()

@@ -9,9 +9,9 @@
     python -m benchmarks.serving machine      5. the whole machine: genserve as `genserve up` runs it vs a minimal
                                                  step-batched loop (benchmarks/steploop.py), unguided DDIM
                                                  {10, 25, 50} steps on a Poisson ramp; then every model at once
-    python -m benchmarks.serving previews     6. streamed previews: engine throughput with 0 vs 3 partial images,
-                                                 time to first preview vs final (benchmarks/previews.py)
-    python -m benchmarks.serving all          all six
+    python -m benchmarks.serving all          all five
+
+Streamed previews have their own: python -m benchmarks.previews.
 
 Each prints its table and writes it, with the raw numbers, to OUT (default benchmarks/results/): NAME.md and
 NAME.json; the load generator's runs go to OUT/runs/ (`genserve report` turns one into an HTML page).
@@ -402,20 +402,15 @@ def _machine_markdown(data: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.serving", description=__doc__.splitlines()[0])
-    parser.add_argument("which", choices=["ceiling", "efficiency", "mixed", "onepass", "machine", "previews", "all"])
+    parser.add_argument("which", choices=["ceiling", "efficiency", "mixed", "onepass", "machine", "all"])
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     parser.add_argument("--store", default="model_store_data")
     parser.add_argument("--family", choices=tuple(SATURATING), help="efficiency: this family only (default both)")
     args = parser.parse_args(argv)
     store = ModelStore.open(args.store)
     build(store, log=lambda line: print(line, flush=True))   # a no-op when the store is current
-    for name in (["ceiling", "efficiency", "mixed", "onepass", "machine", "previews"] if args.which == "all"
-                 else [args.which]):
+    for name in (["ceiling", "efficiency", "mixed", "onepass", "machine"] if args.which == "all" else [args.which]):
         print(f"== {name}", flush=True)
-        if name == "previews":  # its own module (benchmarks/previews.py), which imports this one
-            from benchmarks.previews import previews
-            previews(store.uri, args.out)
-            continue
         kwargs = {"families": (args.family,)} if name == "efficiency" and args.family else {}
         globals()[name](store.uri, args.out, **kwargs)
 
