@@ -5,6 +5,7 @@ const CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal"
                  "Ankle boot"];  // index = class id; 10 = no class
 const NO_CLASS = 10;
 const SIDE = 28;
+const PREVIEWS = 3;  // partial images per image of a streamed generation (OpenAI allows 0-3)
 const $ = (id) => document.getElementById(id);
 
 let models = [];        // GET /v1/models's data
@@ -15,18 +16,59 @@ let inputs = [];        // images to score: 28 rows of 28 integers 0..255 each
 
 async function call(method, path, body) {
   const start = performance.now();
-  const response = await fetch(path, {
+  const response = await send(method, path, body);
+  if (!response.ok) throw await failure(response);
+  const data = await response.json();
+  data.round_trip_ms = performance.now() - start;
+  return data;
+}
+
+function send(method, path, body) {
+  return fetch(path, {
     method,
     headers: body === undefined ? {} : {"content-type": "application/json"},
     body: body === undefined ? undefined : JSON.stringify(body),
   });
-  const data = await response.json();
-  if (!response.ok) {
-    const error = data.error;
-    throw new Error(typeof error === "string" ? error : (error && error.message) || response.statusText);
+}
+
+async function failure(response) {
+  // the APIs answer errors as {"error": {message, ...}}; a proxy in between may answer anything
+  const data = await response.json().catch(() => ({}));
+  return errorOf(data.error, response.statusText || `HTTP ${response.status}`);
+}
+
+function errorOf(error, fallback) {
+  return new Error(typeof error === "string" ? error : (error && error.message) || fallback);
+}
+
+async function* serverSentEvents(response) {
+  // {event, data} per server-sent event of a streamed response. A frame ends at a blank line; a network
+  // chunk may end inside a frame (or a UTF-8 character), so the unfinished tail waits for the next chunk.
+  const reader = response.body.getReader();
+  const decoder = new TextDecoder();
+  let buffer = "";
+  try {
+    for (;;) {
+      const {done, value} = await reader.read();
+      buffer += decoder.decode(value, {stream: !done});
+      const frames = buffer.split(/\r?\n\r?\n/);
+      buffer = frames.pop();
+      for (const frame of frames) {
+        const event = {event: "message", data: []};
+        for (const line of frame.split(/\r?\n/)) {
+          const [, name, value] = line.match(/^([^:]+): ?(.*)$/) || [];  // lines starting ":" are comments
+          if (name === "event") event.event = value;
+          if (name === "data") event.data.push(value);
+        }
+        if (event.data.length) yield {event: event.event, data: JSON.parse(event.data.join("\n"))};
+      }
+      if (done) return;
+    }
+  } finally {
+    // a no-op after the last chunk; when the caller stopped early (an error), it closes the connection,
+    // which cancels the generation at the server
+    reader.cancel().catch(() => {});
   }
-  data.round_trip_ms = performance.now() - start;
-  return data;
 }
 
 function showError(id, error) {
@@ -35,8 +77,9 @@ function showError(id, error) {
   box.textContent = error === null ? "" : String(error.message || error);
 }
 
-function pngImage(b64, label) {
+function pngImage(b64, label, kind) {
   const img = document.createElement("img");
+  if (kind) img.dataset.kind = kind;  // a streamed generation's "preview" or "final"
   img.src = `data:image/png;base64,${b64}`;
   img.alt = label;
   img.width = img.height = 4 * SIDE;
@@ -67,33 +110,66 @@ async function loadModels() {
 // ---- generate ---------------------------------------------------------------------------------------------
 
 async function generate(event) {
+  // Streamed: an image's previews (diffusion's and PixelCNN's; none from one-pass models) are painted into
+  // its slot as they arrive, and its final image replaces them.
   event.preventDefault();
   showError("generate-error", null);
-  const body = {model: $("model").value, class_id: Number($("class").value), n: Number($("n").value)};
+  const body = {model: $("model").value, class_id: Number($("class").value), n: Number($("n").value),
+                stream: true, partial_images: $("previews").checked ? PREVIEWS : 0};
   if ($("slo").value !== "") body.latency_slo_ms = Number($("slo").value);
   if ($("seed").value !== "") body.seed = Number($("seed").value);
+  if ($("steps").value !== "") body.steps = Number($("steps").value);  // diffusion's (or auto's) only
+  if ($("best-effort").checked) body.best_effort = true;
   if ($("tier").value !== "" && body.model === "auto") body.quality = $("tier").value;  // the policy's tier
   $("generate-button").disabled = true;
   try {
-    const r = await call("POST", "/v1/images/generations", body);
-    generated = r.data.map((d) => d.b64_json);
-    $("images").replaceChildren(...generated.map((b64, i) => pngImage(b64, `${r.class_name || "any class"} ${i + 1}`)));
-    const chosen = document.createElement("strong");
-    chosen.textContent = r.model;
-    $("chosen-model").replaceChildren(chosen, ` — ${r.family}, version ${r.version}, seed ${r.seed}`);
-    const policy = r.policy;
-    $("policy").textContent = policy
-      ? [policy.reason, policy.predicted_ms !== undefined ? `predicted ${policy.predicted_ms} ms` : ""]
-          .filter(Boolean).join("; ")
-      : (body.model === "auto" ? "auto: the server's choice" : "model named in the request");
-    $("latency").textContent = `${r.latency_ms.toFixed(1)} ms at the server (replica ${r.replica_ms.toFixed(1)} ms), ` +
-                               `${r.round_trip_ms.toFixed(1)} ms round trip`;
-    $("settings").textContent = JSON.stringify(r.settings);
+    const start = performance.now();
+    const response = await send("POST", "/v1/images/generations", body);
+    if (!response.ok) throw await failure(response);  // refused or invalid: before any event
+    const label = $("class").selectedOptions[0].text;
+    const slots = Array.from({length: body.n}, () => Object.assign(document.createElement("figure"),
+                                                                   {className: "slot"}));
+    $("images").replaceChildren(...slots);
+    const finals = [];
+    let failed = null;  // an error event: the server's last; reading on to the end closes the request cleanly
+    for await (const {event: type, data: d} of serverSentEvents(response)) {
+      const slot = slots[d.image_index];
+      if (type === "error") {
+        failed = errorOf(d.error, "the generation failed");
+      } else if (type === "image_generation.partial_image") {
+        const caption = document.createElement("figcaption");
+        caption.textContent = `preview ${d.partial_image_index + 1}/${body.partial_images} · ` +
+                              `step ${d.step}/${d.steps}`;
+        slot.replaceChildren(pngImage(d.b64_json, `${label} ${d.image_index + 1} (preview)`, "preview"), caption);
+      } else if (type === "image_generation.completed") {
+        finals[d.image_index] = d.b64_json;
+        slot.replaceChildren(pngImage(d.b64_json, `${d.class_name || "any class"} ${d.image_index + 1}`, "final"));
+        showServedBy(d, performance.now() - start, body.model);
+      }
+    }
+    if (failed) throw failed;
+    if (finals.filter(Boolean).length !== body.n) throw new Error("the stream ended before all the images did");
+    generated = finals;
   } catch (error) {
     showError("generate-error", error);
   } finally {
     $("generate-button").disabled = false;
   }
+}
+
+function showServedBy(r, roundTripMs, asked) {
+  // which model made the images and why: the same on each image's completed event
+  const chosen = document.createElement("strong");
+  chosen.textContent = r.model;
+  $("chosen-model").replaceChildren(chosen, ` — ${r.family}, version ${r.version}, seed ${r.seed}`);
+  const policy = r.policy;
+  $("policy").textContent = policy
+    ? [policy.reason, policy.predicted_ms !== undefined ? `predicted ${policy.predicted_ms} ms` : ""]
+        .filter(Boolean).join("; ")
+    : (asked === "auto" ? "auto: the server's choice" : "model named in the request");
+  $("latency").textContent = `${r.latency_ms.toFixed(1)} ms at the server (replica ${r.replica_ms.toFixed(1)} ms), ` +
+                             `${roundTripMs.toFixed(1)} ms round trip`;
+  $("settings").textContent = JSON.stringify(r.settings);
 }
 
 // ---- interpolate ------------------------------------------------------------------------------------------
