@@ -367,7 +367,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--port", type=int, default=8000, help="the app's HTTP port (default 8000)")
     parser.add_argument("--strategies", nargs="+", choices=tuple(STRATEGIES), default=None,
                         help="run only these (e.g. auto: its SLO attainment at the client alone)")
+    parser.add_argument("--cascade", action="store_true",
+                        help="the quality cascade's trade-off instead (benchmarks/cascade.py): cascade.md/json/png")
     args = parser.parse_args(argv)
+    if args.cascade:
+        from benchmarks.cascade import main as cascade
+
+        return cascade(args.store, args.out, args.quick, args.stage_s)
     store = ModelStore.open(args.store)
     build(store, log=lambda line: print(line, flush=True))   # a no-op when the store is current
     stage_s = args.stage_s or (8.0 if args.quick else 20.0)

@@ -5,7 +5,21 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from core.contracts import FLOW_LATENTS, GraphContract
+from core.contracts import (BATCH, FLOW_LATENTS, IMAGE_SHAPE, NUM_CLASSES, Domain, GraphContract, TensorSpec,
+                            contracts_for)
+
+# The cascade's judge (serving/judge/): the committed classifier as a graph. Not a generative family, so its
+# contract lives here beside its wrapper rather than in core.contracts' table of what the families sample.
+CLASSIFY = GraphContract(
+    "classifier", "classify",
+    (TensorSpec("x", "float32", (BATCH, *IMAGE_SHAPE), Domain.UNIT, "image in [0, 1]: uint8 / 255"),),
+    (TensorSpec("logits", "float32", (BATCH, NUM_CLASSES), Domain.REAL, "unnormalized log p(class | x)"),),
+    "class logits: the cascade judge's softmax (float64, in serving) is its confidence in the class asked for")
+
+
+def graph_contracts(family: str, config: dict) -> list[GraphContract]:
+    """Every graph one checkpoint exports: the families' (core.contracts) and the classifier's."""
+    return [CLASSIFY] if family == "classifier" else contracts_for(family, config)
 
 
 class FlowSample(nn.Module):
@@ -34,7 +48,7 @@ class FlowLogProb(nn.Module):
 
 
 class PixelCNNStep(nn.Module):
-    """pixelcnn.step: x (B,1,28,28), y (B,), p (B,) -> logits (B,256) of each row's pixel p."""
+    """pixelcnn.step: x (B,1,28,28), y (B,), p (B,) -> mixture parameters (B,3K) of each row's pixel p."""
 
     def __init__(self, pixelcnn: nn.Module):
         super().__init__()
@@ -42,6 +56,20 @@ class PixelCNNStep(nn.Module):
 
     def forward(self, x: torch.Tensor, y: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
         return self.pixelcnn.step(x, y, p)
+
+
+class Classify(nn.Module):
+    """classifier.classify: x (B,1,28,28) in [0,1] -> logits (B,10). Takes the unit image (contracts carry no
+    uint8) and so skips to_unit's /255: serving's uint8 / 255 is training's input exactly. Logits, not
+    probabilities: a float32 softmax rounds confident scores to exactly 1.0, where no threshold separates them."""
+
+    def __init__(self, classifier: nn.Module):
+        super().__init__()
+        self.classifier = classifier
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        c = self.classifier
+        return c.head(c.dropout(c.body(x)))
 
 
 def graph_module(contract: GraphContract, model: nn.Module) -> nn.Module:
@@ -61,6 +89,8 @@ def graph_module(contract: GraphContract, model: nn.Module) -> nn.Module:
         return FlowLogProb(model)
     if key == "pixelcnn.step":
         return PixelCNNStep(model)
+    if key == "classifier.classify":
+        return Classify(model)
     if key in ("pixelcnn.logits", "diffusion.denoise"):
         return model
     raise ValueError(f"no torch module for graph {key}")

@@ -13,8 +13,8 @@ import onnxruntime as ort
 import torch
 from torch import nn
 
-from core.contracts import BATCH, GraphContract, contracts_for, sample_inputs
-from exporters.graphs import graph_module
+from core.contracts import BATCH, GraphContract, sample_inputs
+from exporters.graphs import graph_contracts, graph_module
 from exporters.profile import time_call
 from core.runtime import ProviderChoice, make_session
 
@@ -179,7 +179,7 @@ def export_family(family: str, model: nn.Module, config: dict[str, Any], out_dir
     are removed so out_dir holds exactly what ships."""
     out_dir.mkdir(parents=True, exist_ok=True)
     exported = []
-    for contract in contracts_for(family, config):
+    for contract in graph_contracts(family, config):
         module = graph_module(contract, model).eval()
         final = out_dir / contract.onnx_file
         raw = out_dir / f"{contract.graph}.raw.onnx" if optimize else final

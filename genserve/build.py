@@ -33,6 +33,12 @@ from model_store import (DEFAULT_ALIAS, ExportInfo, LatencyProfile, Manifest, Mo
 EXPORT_FORMAT = "genserve-onnx-1"
 MAX_BATCH = 64     # top of the latency profile; the one-pass deployments batch up to this
 
+# The cascade's judge (serving/judge): the committed classifier (checkpoints/classifier), published beside
+# the generative models under this name. `genserve build` publishes it with them.
+JUDGE = "judge"
+BUILDS = FAMILIES + (JUDGE,)   # what `genserve build` publishes by default: model name = checkpoint folder,
+                               # but the judge's, which is checkpoints/classifier
+
 # The sampler settings the policy may pick per family: the family default first, then the candidates it
 # trades quality against latency with. Guidance stays at the default; steps are the latency lever.
 _DIFFUSION_ALLOWED = [{"sampler": "dpmpp_2m", "steps": s} for s in (10, 15, 20, 25)] + \
@@ -40,6 +46,8 @@ _DIFFUSION_ALLOWED = [{"sampler": "dpmpp_2m", "steps": s} for s in (10, 15, 20, 
 
 
 def sampling_settings(family: str) -> SamplingSettings:
+    if family == "classifier":
+        return SamplingSettings()  # it samples nothing
     default = SamplingSetting.from_dict(get_family(family).DEFAULT_SAMPLING)
     if family == "diffusion":
         allowed = [SamplingSetting(**s, guidance_scale=default.guidance_scale) for s in _DIFFUSION_ALLOWED]
@@ -149,29 +157,30 @@ def publish_checkpoint(store: ModelStore, directory: Path, *, model: str | None 
                        (f", {', '.join(aliases)} -> {version}" if aliases else ""), time.perf_counter() - t0)
 
 
-def build(store: ModelStore, root: Path = CHECKPOINT_ROOT, families: tuple[str, ...] = FAMILIES, *,
+def build(store: ModelStore, root: Path = CHECKPOINT_ROOT, families: tuple[str, ...] = BUILDS, *,
           max_batch: int = MAX_BATCH, log: Callable[[str], None] = print) -> list[BuildResult]:
-    """Publish root/<family>/ for each family as model `family`; families without weights are skipped."""
+    """Publish root/<family>/ for each family as model `family` (JUDGE: root/classifier/ as model JUDGE);
+    families without weights are skipped."""
     results = []
     for family in families:
-        directory = Path(root) / family
+        directory = Path(root) / ("classifier" if family == JUDGE else family)
         if not (directory / WEIGHTS_FILE).is_file() or not (directory / CARD_FILE).is_file():
             result = BuildResult(family, None, "skipped", f"no checkpoint at {directory} "
-                                 f"(run `genserve train {family}`)", 0.0)
+                                 f"(run `genserve train {directory.name}`)", 0.0)
         else:
-            result = publish_checkpoint(store, directory, max_batch=max_batch, log=log)
+            result = publish_checkpoint(store, directory, model=family, max_batch=max_batch, log=log)
         log(f"{family}: {result.status}: {result.detail} ({result.seconds:.1f} s)")
         results.append(result)
     return results
 
 
 def _build_command(args: argparse.Namespace) -> None:
-    unknown = [f for f in args.families if f not in FAMILIES]
+    unknown = [f for f in args.families if f not in BUILDS]
     if unknown:
-        raise ValueError(f"unknown families {unknown}; choose from {', '.join(FAMILIES)}")
+        raise ValueError(f"unknown families {unknown}; choose from {', '.join(BUILDS)}")
     store = ModelStore.open(args.store)
     t0 = time.perf_counter()
-    results = build(store, args.checkpoints, tuple(args.families) or FAMILIES, max_batch=args.max_batch)
+    results = build(store, args.checkpoints, tuple(args.families) or BUILDS, max_batch=args.max_batch)
     counts = {s: sum(r.status == s for r in results) for s in ("published", "current", "skipped")}
     print(f"build: {counts['published']} published, {counts['current']} current, {counts['skipped']} skipped "
           f"in {time.perf_counter() - t0:.1f} s; store {store.uri}")
@@ -180,7 +189,8 @@ def _build_command(args: argparse.Namespace) -> None:
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add `genserve build` to the top-level command's subparsers."""
     p = subparsers.add_parser("build", help="export committed checkpoints to ONNX and publish them (idempotent)")
-    p.add_argument("families", nargs="*", metavar="FAMILY", help=f"default: all of {', '.join(FAMILIES)}")
+    p.add_argument("families", nargs="*", metavar="FAMILY",
+                   help=f"default: all of {', '.join(BUILDS)} ({JUDGE}: the classifier, the cascade's judge)")
     p.add_argument("--store", default=None, metavar="PATH_OR_URI",
                    help="model store (default: $GENSERVE_STORE, else ./model_store_data)")
     p.add_argument("--checkpoints", type=Path, default=CHECKPOINT_ROOT, help="folder of <family>/ checkpoints")

@@ -54,6 +54,8 @@ class Template:
     quality: str | None = None          # a tier: draft | standard | best
     goal: str | None = None
     best_effort: bool | None = None     # with an SLO: serve late rather than be rejected
+    cascade: bool | None = None         # one-pass first, diffusion for the images the judge fails
+    cascade_threshold: float | None = None  # with cascade: the judge's confidence that skips diffusion
 
     def __post_init__(self) -> None:
         _check(is_number(self.weight) and self.weight > 0, f"weight must be a number > 0, got {self.weight!r}")
@@ -74,6 +76,9 @@ class Template:
         _check(self.goal is None or isinstance(self.goal, str), f"goal must be a string, got {self.goal!r}")
         _check(self.best_effort is None or isinstance(self.best_effort, bool),
                f"best_effort must be true or false, got {self.best_effort!r}")
+        _check(self.cascade is None or isinstance(self.cascade, bool), f"cascade must be true or false, got {self.cascade!r}")
+        _check(self.cascade_threshold is None or is_number(self.cascade_threshold) and 0 <= self.cascade_threshold <= 1,
+               f"cascade_threshold must be a number in [0, 1], got {self.cascade_threshold!r}")
 
     def extras(self) -> dict[str, Any]:
         """The set genserve extras (seed aside), in the order declared."""

@@ -112,6 +112,10 @@ class AppArgs:
     # The latency/quality policy's admission control at the ingress (and `model: "auto"`). Off only for
     # the benchmarks' baseline, which stands for a plain Ray Serve app with none.
     admission: bool = True
+    # The quality cascade's judge (serving/judge): the classifier `genserve build` publishes as `judge`,
+    # "name[@version|alias]" in the store, served as the deployment "judge". None, or a store without it:
+    # no cascades (a request asking for one gets a 400 saying so)
+    judge: str | None = None
 
     def __post_init__(self):
         if not self.models:
@@ -127,13 +131,18 @@ class AppArgs:
                              f"{self.default_slo_ms!r}")
         if not isinstance(self.admission, bool):
             raise ValueError(f"args.admission must be true or false, got {self.admission!r}")
+        if self.judge is not None and not (isinstance(self.judge, str) and self.judge):
+            raise ValueError(f"args.judge must be a store reference such as 'judge@latest', got {self.judge!r}")
+        if "judge" in names:
+            raise ValueError("args.models: 'judge' is the cascade judge's deployment name; serve the model "
+                             "under another name")
         if self.batching not in ("step", "request"):
             raise ValueError(f"args.batching must be 'step' or 'request', got {self.batching!r}")
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> AppArgs:
         d = dict(d or {})
-        allowed = {"models", "store", "ingress_timeout_s", "default_slo_ms", "batching", "admission"}
+        allowed = {"models", "store", "ingress_timeout_s", "default_slo_ms", "batching", "admission", "judge"}
         if extra := sorted(set(d) - allowed):
             raise ValueError(f"args: unknown keys {extra}; known: {sorted(allowed)}")
         models = d.pop("models", None)

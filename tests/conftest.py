@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from families.checkpoint import CARD_FILE, CHECKPOINT_ROOT, WEIGHTS_FILE
-from genserve.build import publish_checkpoint
+from genserve.build import JUDGE, publish_checkpoint
 from model_store import ModelStore
 from tests.helpers import (ONE_PASS, SERVED_FAMILIES, MAX_BATCH, MAX_WAIT_MS, METRICS_EXPORT_MS, free_port,
                            small_checkpoint)
@@ -40,6 +40,8 @@ def served_store(tmp_path_factory) -> ModelStore:
             directory = trained if (trained / WEIGHTS_FILE).is_file() and (trained / CARD_FILE).is_file() \
                 else small_checkpoint(tmp / "checkpoints", family)
             publish_checkpoint(store, directory, max_batch=2, threads=1, log=lambda _: None)
+        publish_checkpoint(store, CHECKPOINT_ROOT / "classifier", model=JUDGE, max_batch=2, threads=1,
+                           log=lambda _: None)  # the cascade's judge
     finally:
         torch.set_num_threads(threads)
     return store

@@ -24,7 +24,7 @@ import yaml
 
 from serving.observability import METRICS, observe_request
 from serving.observability.http import protocol_of
-from serving.observability.metrics import COUNTER, GAUGE, HISTOGRAM, LATENCY_BUCKETS_S, REPLICA_RETRIES
+from serving.observability.metrics import COUNTER, GAUGE, HISTOGRAM, LATENCY_BUCKETS_S, REPLICA_RETRIES, CASCADE_IMAGES
 from serving.onepass.batcher import ImageBatcher
 from serving.config import OnePassConfig
 from tests.helpers import METRICS_EXPORT_MS, free_port
@@ -94,6 +94,7 @@ def test_metric_definitions_follow_prometheus_conventions():
         "ray_genserve_engine_running_requests": GAUGE, "ray_genserve_engine_waiting_requests": GAUGE,
         "ray_genserve_engine_steps_per_second": GAUGE, "ray_genserve_engine_steps_total": COUNTER,
         "ray_genserve_policy_decisions_total": COUNTER, "ray_genserve_slo_requests_total": COUNTER,
+        "ray_genserve_cascade_images_total": COUNTER,
         "ray_genserve_rejections_total": COUNTER, "ray_genserve_model_load_duration_seconds": HISTOGRAM,
         "ray_genserve_store_verification_failures_total": COUNTER, "ray_genserve_replica_retries_total": COUNTER,
         "ray_genserve_model_ready": GAUGE}
@@ -351,9 +352,10 @@ def test_prometheus_counts_match_the_requests_sent(traffic):
 
 def test_prometheus_sees_every_metric_with_its_type_and_buckets(prometheus, traffic):
     """Every metric, produced by the traffic or the app's start, has the type and buckets defined. A retry
-    needs a replica to die under a request: tests/test_replica_faults.py kills one and reads that counter."""
+    needs a replica to die under a request: tests/test_replica_faults.py kills one and reads that counter;
+    tests/test_cascade.py reads the cascade's."""
     for m in METRICS:
-        if m is REPLICA_RETRIES:
+        if m in (REPLICA_RETRIES, CASCADE_IMAGES):
             continue
         # Prometheus scrapes OpenMetrics when offered, whose counter families drop the _total of their samples
         family = m.series.removesuffix("_total")
@@ -366,11 +368,11 @@ def test_prometheus_sees_every_metric_with_its_type_and_buckets(prometheus, traf
     occupancy = prometheus.query("ray_genserve_engine_batch_occupancy_ratio")
     assert all(0.0 <= v <= 1.0 for v in occupancy.values())
     assert set(prometheus.query("sum by (model) (ray_genserve_model_load_duration_seconds_count)")) == {
-        (m,) for m in ("gan", "vae", "flow", "diffusion", "pixelcnn")}
+        (m,) for m in ("gan", "vae", "flow", "diffusion", "pixelcnn", "judge")}
     # Ray Serve's own metrics the alerts and dashboard read: every genserve deployment healthy
     status = prometheus.query('max by (deployment) (ray_serve_deployment_status{application="genserve"})')
     healthy = prometheus.query('sum by (deployment) (ray_serve_deployment_replica_healthy{application="genserve"})')
-    deployments = {("Ingress",), ("gan",), ("vae",), ("flow",), ("diffusion",), ("pixelcnn",)}
+    deployments = {("Ingress",), ("gan",), ("vae",), ("flow",), ("diffusion",), ("pixelcnn",), ("judge",)}
     assert set(status) == set(healthy) == deployments
     assert set(status.values()) == {6.0} and set(healthy.values()) == {1.0}  # 6: HEALTHY
 

@@ -354,3 +354,32 @@ def test_a_request_without_an_slo_is_held_to_the_default_and_refused_past_capaci
     assert 10 < len(admitted) < 400 and all(r.met for r in admitted)
     refused = next(r.outcome for r in results if not r.admitted)
     assert refused.reason == "overloaded" and "(the default: the request set none)" in refused.message
+
+
+# ---- the quality cascade (serving/api/cascade.py plans with these) -------------------------------------------
+
+def test_a_cascade_admits_stage_one_and_plans_stage_two_for_every_image():
+    p = policy()
+    d = p.decide_cascade(Hints(n=4, class_id=3, latency_slo_ms=2000), judge_ms=10.0, now=0.0)
+    assert d.model == "gan" and d.escalation.label == BEST        # the best stage 2 fits the worst case
+    assert d.escalation.predicted_ms <= 2000 and d.escalation.judge_ms == 10.0
+    assert [w.units for w in p.loads["gan"].work] == [4] and not p.loads["diffusion"].work  # stage 2 not held
+    assert p.finish(d.ticket, 0.01).met
+
+
+def test_a_cascade_whose_worst_case_misses_the_slo_is_not_planned():
+    """The GAN alone fits 30 ms; with the judge and any diffusion setting for both images it does not."""
+    p = policy()
+    ask = Hints(n=2, class_id=3, latency_slo_ms=30)
+    assert p.decide_cascade(ask, judge_ms=10.0, now=0.0) is None and not p.loads["gan"].work
+
+
+def test_an_escalation_takes_the_best_stage_two_in_time_or_is_not_started():
+    p = policy()
+    first = p.decide_cascade(Hints(n=1, class_id=3, latency_slo_ms=2000), judge_ms=10.0, now=0.0)
+    roomy = p.escalate(first, Hints(n=1, class_id=3, latency_slo_ms=1900), 0.05)
+    assert isinstance(roomy, Decision) and roomy.label == BEST and roomy.reason.startswith("cascade stage 2")
+    late = p.escalate(first, Hints(n=1, class_id=3, latency_slo_ms=15), 0.05)
+    assert isinstance(late, str) and late.startswith("no time") and "the 15 ms left" in late
+    # stage 2 is diffusion only: PixelCNN's class accuracy is under the GAN's
+    assert {c.label.split()[0] for c in roomy.considered} == {"diffusion"}

@@ -27,6 +27,7 @@ from ray.serve.handle import DeploymentHandle
 
 from serving.api.http import api, logger
 from model_store.manifest import Manifest
+from serving.api.cascade import Cascade, run_cascade
 from serving.api.admission import (START_HEADER, TIMEOUT_HEADER, Admission, Outcome, client_timeout_s,
                                    note_client_timeout, note_request_start, spent_before_ingress_s)
 from serving.api.jobs import (GenerationJob, GenerationPreview, GenerationResult, ImagesJob, InterpolationJob,
@@ -86,14 +87,16 @@ api.add_middleware(ClientTimeout)
 @serve.ingress(api)
 class Ingress(GRPCInferenceService):  # gRPC: Serve's proxy calls the method named after the RPC
     def __init__(self, models: dict[str, DeploymentHandle], manifests: dict[str, Manifest], timeout_s: float,
-                 admission: bool = True, default_slo_ms: float = 3000.0):
+                 admission: bool = True, default_slo_ms: float = 3000.0, judge: DeploymentHandle | None = None):
         """models: name -> handle of its deployment; manifests: name -> its version's manifest (family,
         quality, latency profile: the policy's inputs), read from the store at build. admission False: no
-        policy (explicit models only, nothing refused), for the benchmarks' plain baseline."""
+        policy (explicit models only, nothing refused), for the benchmarks' plain baseline. judge: the
+        cascade's judge deployment (serving/judge), None: no cascades."""
         self.models, self.timeout_s = models, timeout_s
         self.families = {name: m.family for name, m in manifests.items()}
         self.admission = Admission(manifests, default_slo_ms) if admission else None
         self.v2 = OpenInference(self)  # KServe v2's operations, for its HTTP routes and gRPC methods
+        self.cascade = Cascade(judge) if judge is not None else None
 
     def check_health(self) -> None:
         """Serve's liveness probe (every health_check_period_s): the ingress holds a handle for every model it
@@ -108,6 +111,8 @@ class Ingress(GRPCInferenceService):  # gRPC: Serve's proxy calls the method nam
         model and settings the policy chose, the jobs run concurrently. Each result carries the policy's
         account of the choice. Raises APIError (429 + Retry-After when nothing can meet the deadline, the
         model call's errors otherwise)."""
+        if hints is not None and hints.cascade:  # one-pass first, diffusion for what the judge fails
+            return await run_cascade(self, model, jobs, hints)
         decision, model, jobs = self._admit(model, jobs, hints)
         async with self._accounted(decision) as account:
             results = await _all(self.generate_with(model, job) for job in jobs)
@@ -118,7 +123,12 @@ class Ingress(GRPCInferenceService):  # gRPC: Serve's proxy calls the method nam
         """generate, streamed: (job index, event) pairs: each job's previews (job.previews of them; iterative
         models only) as its model's engine makes them, then every job's GenerationResult with the policy's
         account. Admitted as generate, on the first __anext__ (which raises its APIError). Closing the stream
-        early (the client went away) cancels the model calls: their rows leave the engine at its next step."""
+        early (the client went away) cancels the model calls: their rows leave the engine at its next step.
+        A cascade streams its final images only: its stages are one-pass first, diffusion only for some."""
+        if hints is not None and hints.cascade:
+            for i, result in enumerate(await self.generate(model, jobs, hints)):
+                yield i, result
+            return
         decision, model, jobs = self._admit(model, jobs, hints)
         results: dict[int, GenerationResult] = {}
         async with self._accounted(decision) as account:

@@ -44,6 +44,8 @@ class PolicyHints:
     min_class_accuracy: float | None = None
     goal: str = "sample"                    # sample | likelihood (flow, pixelcnn) | latent (vae)
     best_effort: bool = False               # nothing fits the SLO: the fastest candidate rather than a 429
+    cascade: bool = False                   # one-pass first; diffusion for the images the judge fails (serving.api.cascade)
+    cascade_threshold: float | None = None  # the judge's confidence an image needs to skip diffusion; None: the default
 
 
 @dataclass

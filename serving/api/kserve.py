@@ -11,8 +11,11 @@ Every served model, and `auto`, is a v2 model:
                                           uses S + i, and the response's parameter `seed` is S.
     outputs  image     UINT8 [-1,28,28]
     request parameters: sampler, steps, guidance_scale (diffusion), latency_slo_ms, the policy's hints
-             (quality, goal, best_effort, max_fd, min_class_accuracy) and Triton's timeout (microseconds,
-             0 = none); the tighter of latency_slo_ms and timeout is the request's deadline.
+             (quality, goal, best_effort, max_fd, min_class_accuracy, cascade, cascade_threshold) and
+             Triton's timeout (microseconds, 0 = none); the tighter of latency_slo_ms and timeout is the
+             request's deadline.
+    response parameters: family, the settings, `policy` (JSON) and, for a cascade, `cascade` (JSON: which
+             stage served each image, its judge score and why; serving/api/cascade.py)
 
 Errors are serving.api.errors.APIError (status + message), which each transport renders in its own shape;
 the checks shared with the other APIs are serving.api.validation's.
@@ -25,16 +28,16 @@ import secrets
 import time
 import json
 from collections import defaultdict
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from importlib.metadata import version as package_version
-from typing import Any
+from typing import Any, AsyncIterator
 
 import numpy as np
 
 from core.checks import is_int
 from core.contracts import IMAGE_SHAPE, NULL_CLASS
 from serving.api.errors import invalid, model_not_found
-from serving.api.jobs import GenerationJob, ModelInfo, PolicyHints
+from serving.api.jobs import GenerationJob, GenerationPreview, GenerationResult, ModelInfo, PolicyHints
 from serving.api.validation import (AUTO, MAX_N, MAX_TIMEOUT_US, POLICY_HINTS, SAMPLING_EXTRAS, check_class_id,
                                     check_seed, policy_hints, resolve_model, sampling_options)
 from serving.errors import ModelUnavailable
@@ -262,6 +265,52 @@ class OpenInference:
         first = results[0]
         parameters = {"family": first.family, **first.settings.to_dict(), **({"policy": json.dumps(first.policy)}
                                                                     if first.policy else {})}
+        if first.policy and "cascade" in first.policy:
+            parameters["cascade"] = json.dumps(first.policy["cascade"])
+        if req.drawn_seed is not None:
+            parameters["seed"] = req.drawn_seed
+        return InferResult(first.model, first.version, req.id, np.concatenate([r.images for r in results]),
+                           parameters)
+
+    async def infer_stream(self, req: InferRequest) -> AsyncIterator[GenerationPreview | InferResult]:
+        """infer's streamed form (gRPC's ModelStreamInfer): the request's partial images as its jobs make them
+        (preview i once every job has made its own, their images in job order), then its InferResult, counted
+        in the statistics as infer's. Closing it cancels the model calls."""
+        if req.version:
+            await self._info(req.name, req.version)
+        start = time.perf_counter_ns()
+        previews: dict[int, dict[int, GenerationPreview]] = defaultdict(dict)   # index -> job -> preview
+        results: dict[int, GenerationResult] = {}
+        events = self.ingress.generate_stream(req.model, list(req.jobs), req.hints)
+        try:
+            async for job, event in events:
+                if isinstance(event, GenerationResult):
+                    results[job] = event
+                    continue
+                taken = previews[event.index]
+                taken[job] = event
+                if len(taken) == len(req.jobs):
+                    yield replace(event, images=np.concatenate([taken[j].images for j in sorted(taken)]))
+        except BaseException:  # refused, failed, or closed by the client
+            self.stats[req.model if req.model != AUTO else self._model(AUTO)].fail.add(time.perf_counter_ns() - start)
+            raise
+        finally:
+            await events.aclose()
+        yield self._finish(req, [results[j] for j in range(len(req.jobs))], start)
+
+    def _finish(self, req: InferRequest, results: list[GenerationResult], start_ns: int) -> InferResult:
+        """A served request's statistics, and its InferResult from its jobs' results."""
+        stats = self.stats[results[0].model]  # auto's requests count under the model that served them
+        stats.success.add(time.perf_counter_ns() - start_ns)
+        stats.compute.add(int(max(r.replica_ms for r in results) * 1e6))  # the jobs ran concurrently
+        stats.inference_count += sum(len(r.images) for r in results)
+        stats.execution_count += 1
+        stats.last_inference_ms = int(time.time() * 1000)
+        first = results[0]
+        parameters = {"family": first.family, **first.settings.to_dict(), **({"policy": json.dumps(first.policy)}
+                                                                    if first.policy else {})}
+        if first.policy and "cascade" in first.policy:
+            parameters["cascade"] = json.dumps(first.policy["cascade"])
         if req.drawn_seed is not None:
             parameters["seed"] = req.drawn_seed
         return InferResult(first.model, first.version, req.id, np.concatenate([r.images for r in results]),

@@ -135,6 +135,9 @@ class ImageGenerationRequest(Strict):
                           "models have none)")
     max_fd: Annotated[float, Field(gt=0)] | None = Field(None, description="auto: a quality floor")
     min_class_accuracy: Annotated[float, Field(ge=0, le=1)] | None = Field(None, description="auto: a quality floor")
+    cascade: bool | None = Field(None, description="auto: the GAN first, diffusion for the images the judge fails")
+    cascade_threshold: Annotated[float, Field(ge=0, le=1)] | None = Field(
+        None, description="with cascade: the judge's confidence an image needs to skip diffusion (default 0.7)")
     style: Any = Field(None, description="accepted and ignored (OpenAI)")
     background: Any = Field(None, description="accepted and ignored (OpenAI)")
     moderation: Any = Field(None, description="accepted and ignored (OpenAI)")
@@ -353,6 +356,8 @@ class V2Parameters(Strict):
     best_effort: bool | None = None
     max_fd: Annotated[float, Field(gt=0)] | None = None
     min_class_accuracy: Annotated[float, Field(ge=0, le=1)] | None = None
+    cascade: bool | None = None
+    cascade_threshold: Annotated[float, Field(ge=0, le=1)] | None = None
     binary_data_output: bool | None = Field(None, description="every output as raw bytes, unless it says otherwise")
 
 

@@ -65,7 +65,7 @@ GOALS = tuple(GOAL_FAMILIES)      # sample | likelihood | latent
 OPENAI_QUALITY = {"low": "draft", "medium": "standard", "standard": "standard", "high": "best", "hd": "best",
                   "auto": None}
 QUALITY_VALUES = tuple(dict.fromkeys((*TIERS, *OPENAI_QUALITY)))   # what `quality` may be
-POLICY_HINTS = ("quality", "goal", "best_effort", "max_fd", "min_class_accuracy")
+POLICY_HINTS = ("quality", "goal", "best_effort", "max_fd", "min_class_accuracy", "cascade", "cascade_threshold")
 _DATA_URL = "data:image/png;base64,"
 CONTROL_CHARS = r"\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f"   # a prompt's refused: C0 and C1 controls but tab, LF, CR
 _CONTROL = re.compile(f"[{CONTROL_CHARS}]")
@@ -175,7 +175,8 @@ def sampling_options(values: dict[str, Any], model: str, family: str | None) -> 
 
 
 def policy_hints(values: dict[str, Any]) -> PolicyHints:
-    """The policy's hints from a request's quality (tier), goal, best_effort, max_fd, min_class_accuracy."""
+    """The policy's hints from a request's quality (tier), goal, best_effort, max_fd, min_class_accuracy,
+    cascade and cascade_threshold (the judge's confidence an image needs to skip diffusion, in [0, 1])."""
     quality = values.get("quality")
     tier = OPENAI_QUALITY.get(quality, quality) if isinstance(quality, str) else quality
     if tier is not None and tier not in TIERS:
@@ -193,7 +194,15 @@ def policy_hints(values: dict[str, Any]) -> PolicyHints:
         raise invalid("max_fd", f"max_fd must be a number > 0, got {max_fd!r}")
     if min_acc is not None and (not is_real(min_acc) or not 0 <= min_acc <= 1):
         raise invalid("min_class_accuracy", f"min_class_accuracy must be a number in [0, 1], got {min_acc!r}")
-    return PolicyHints(tier, max_fd, min_acc, goal, best_effort)
+    cascade, threshold = values.get("cascade", False), values.get("cascade_threshold")
+    if not isinstance(cascade, bool):
+        raise invalid("cascade", f"cascade must be true or false, got {cascade!r}")
+    if threshold is not None and (not is_real(threshold) or not 0 <= threshold <= 1):
+        raise invalid("cascade_threshold", f"cascade_threshold must be a number in [0, 1], got {threshold!r}")
+    if threshold is not None and not cascade:
+        raise invalid("cascade_threshold", "cascade_threshold applies only with cascade: true")
+    return PolicyHints(tier, max_fd, min_acc, goal, best_effort, cascade,
+                       None if threshold is None else float(threshold))
 
 
 # ---- the class -----------------------------------------------------------------------------------------------

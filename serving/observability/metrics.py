@@ -101,6 +101,11 @@ ENGINE_STEPS = MetricSpec(
 POLICY_DECISIONS = MetricSpec(
     "genserve_policy_decisions_total", COUNTER,
     "Requests the policy routed to each candidate (model and sampler setting)", ("candidate",))
+CASCADE_IMAGES = MetricSpec(
+    "genserve_cascade_images_total", COUNTER,
+    "Images of cascade requests by outcome: passed (the judge kept stage 1's), escalated (diffusion made it "
+    "again), skipped_no_time, escalation_failed, judge_failed, not_planned (served without a cascade)",
+    ("outcome",))
 SLO_REQUESTS = MetricSpec(
     "genserve_slo_requests_total", COUNTER,
     "Requests with a latency SLO, by outcome: met (answered within it) or missed (late, timed out, "
@@ -125,8 +130,8 @@ REPLICA_RETRIES = MetricSpec(
     ("model",))
 
 METRICS = (REQUEST_DURATION, QUEUE_DURATION, COMPUTE_DURATION, IMAGES_SERVED, BATCH_SIZE, ENGINE_OCCUPANCY,
-           ENGINE_RUNNING, ENGINE_WAITING, ENGINE_STEP_RATE, ENGINE_STEPS, POLICY_DECISIONS, SLO_REQUESTS,
-           REJECTIONS, MODEL_LOAD, VERIFICATION_FAILURES, MODEL_READY, REPLICA_RETRIES)
+           ENGINE_RUNNING, ENGINE_WAITING, ENGINE_STEP_RATE, ENGINE_STEPS, POLICY_DECISIONS, CASCADE_IMAGES,
+           SLO_REQUESTS, REJECTIONS, MODEL_LOAD, VERIFICATION_FAILURES, MODEL_READY, REPLICA_RETRIES)
 
 
 # ---- this process's Ray metric objects -------------------------------------------------------------------
@@ -296,6 +301,11 @@ def record_retry(model: str) -> None:
 def record_decision(candidate: str) -> None:
     """The policy routed a request to candidate (serving.policy.candidates.Candidate.label)."""
     _inc(POLICY_DECISIONS, candidate=candidate)
+
+
+def record_cascade(outcome: str) -> None:
+    """One image of a cascade request was delivered (serving.api.cascade's outcomes)."""
+    _inc(CASCADE_IMAGES, outcome=outcome)
 
 
 def record_slo(model: str, met: bool) -> None:

@@ -3,9 +3,10 @@ quality (policy.py), from candidates with measured quality (candidates.py) and l
 online (latency.py); simulator.py replays workloads through it without Ray."""
 from serving.policy.candidates import TIERS, Candidate, Quality, QualityFloor, candidates_of
 from serving.policy.latency import LiveState
-from serving.policy.policy import (AUTO, Considered, Decision, Finished, Hints, Outcome, Policy, PolicyConfig,
-                                   PolicyStats, Rejection, ServedModel)
+from serving.policy.policy import (AUTO, CASCADE_THRESHOLD, Considered, Decision, Escalation, Finished, Hints,
+                                   Outcome, Policy, PolicyConfig, PolicyStats, Rejection, ServedModel)
 
-__all__ = ["AUTO", "TIERS", "Candidate", "Considered", "Decision", "Finished", "Hints", "LiveState", "Outcome",
+__all__ = ["AUTO", "CASCADE_THRESHOLD", "TIERS", "Candidate", "Considered", "Decision", "Escalation", "Finished",
+           "Hints", "LiveState", "Outcome",
            "Policy", "PolicyConfig", "PolicyStats", "Quality", "QualityFloor", "Rejection", "ServedModel",
            "candidates_of"]

@@ -18,7 +18,7 @@ from __future__ import annotations
 import itertools
 import math
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import Enum
 from typing import Any
 
@@ -30,6 +30,9 @@ from serving.policy.candidates import (GOAL_FAMILIES, TIERS, Candidate, Quality,
 from serving.policy.latency import Correction, LiveState, Margin, ModelLoad, StepTime
 
 AUTO = "auto"
+# A cascade's default threshold on the judge's confidence in the class asked for (serving/api/cascade.py):
+# from benchmarks/results/cascade.md, the lowest that gives diffusion-like class accuracy
+CASCADE_THRESHOLD = 0.7
 
 
 @dataclass(frozen=True)
@@ -108,6 +111,15 @@ class Considered:
 
 
 @dataclass(frozen=True)
+class Escalation:
+    """A cascade's stage 2 as planned at admission, for the worst case that every image escalates."""
+
+    label: str                   # the best stage-2 candidate that fit the worst case then
+    predicted_ms: float          # stage 1 + judge + stage 2 for all n images, each x its margin
+    judge_ms: float              # the judge's planned time
+
+
+@dataclass(frozen=True)
 class Decision:
     """Admitted: serve it like this, then hand `ticket` to finish()."""
 
@@ -125,6 +137,7 @@ class Decision:
     best_effort: bool            # admitted although not predicted in time (best_effort requests only)
     reason: str                  # one line for the response and the logs
     considered: tuple[Considered, ...]
+    escalation: Escalation | None = None  # a cascade's stage 1: its planned stage 2
 
     def explain(self) -> dict[str, Any]:
         """What the response says about the choice (the ingress adds the actual latency)."""
@@ -226,6 +239,52 @@ class Policy:
             if math.isfinite(fastest.predicted_ms):
                 return self._admit(fastest, hints, now, True, estimates)
         return self._too_slow(estimates, hints, now)
+
+    def decide_cascade(self, hints: Hints, judge_ms: float, now: float) -> Decision | None:
+        """Runs on arrival of an `auto` request that asked for a cascade: stage 1, the best one-pass candidate
+        in time, admitted only if stage 1 + the judge (judge_ms) + a stage-2 candidate for ALL n images would
+        still meet the SLO (each stage's prediction x its margin, on the load admitted now). Stage 2 is not
+        admitted here: escalate() admits it for the images that need it, if they still fit then. None: no
+        such plan (the caller decides without a cascade). Quality floors and tiers do not apply: the judge
+        is the cascade's floor, image by image."""
+        stage1 = [c for c in self._eligible(Hints(goal="sample")) if not c.iterative]
+        for c1 in stage1:
+            e1 = self._estimate(c1, hints, now, slo := self._slo_ms(c1, hints, now))
+            if not e1.fits:
+                continue
+            for c2 in self._stage2(c1.quality):  # best first: the best that fits the worst case is the plan
+                e2 = self._estimate(c2, hints, now, slo)
+                worst = e1.predicted_ms * e1.margin + judge_ms + e2.predicted_ms * e2.margin
+                if worst <= slo and not e2.delays_ms:
+                    d = self._admit(e1, hints, now, False, [e1])
+                    plan = Escalation(c2.label, worst, judge_ms)
+                    why = (f"cascade stage 1 {c1.label}: with the judge ({judge_ms:.0f} ms) and {c2.label} for all "
+                           f"{hints.n} image(s) predicted {worst:.0f} ms <= SLO {slo:.0f} ms")
+                    return replace(d, reason=why, escalation=plan)
+        return None
+
+    def escalate(self, first: Decision, hints: Hints, now: float) -> Decision | str:
+        """Runs when the judge has failed some of a cascade's images: stage 2 for them (hints.n, with what is
+        left of the deadline as latency_slo_ms), the best candidate better than stage 1 that is predicted in
+        time now, admitted like any request (finish() follows). Else why none is: the escalation is not
+        started."""
+        estimates = []
+        for c in self._stage2(first.quality):
+            estimates.append(e := self._estimate(c, hints, now, self._slo_ms(c, hints, now)))
+            if e.fits:
+                why = (f"cascade stage 2 {c.label}: predicted {e.predicted_ms:.0f} ms x margin {e.margin:.2f} "
+                       f"<= the {e.slo_ms:.0f} ms left")
+                return replace(self._admit(e, hints, now, False, estimates), reason=why)
+        if not estimates:
+            return "no stage-2 candidate is served"
+        fastest = min(estimates, key=lambda e: e.predicted_ms)
+        return f"no time: {fastest.why_not()} > the {fastest.slo_ms:.0f} ms left"
+
+    def _stage2(self, first: Quality) -> list[Candidate]:
+        """What a cascade escalates to: measured step-batched candidates of better class accuracy than
+        stage 1's, best first (diffusion's settings; PixelCNN's class accuracy is far below a GAN's)."""
+        return [c for c in self._eligible(Hints(goal="sample"))
+                if c.iterative and c.quality.class_accuracy > first.class_accuracy]
 
     def finish(self, ticket: int, now: float, outcome: Outcome = Outcome.OK) -> Finished:
         """Runs once per Decision when its request ends, however it ends: the work leaves the ledger, and a
