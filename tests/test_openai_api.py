@@ -362,3 +362,13 @@ def test_pixelcnn_through_the_step_engine(client, store):
     assert first.result().model_extra["version"] == store.resolve("pixelcnn")[1]
     assert after["steps"] - before["steps"] < 2 * 784   # they shared forwards
     np.testing.assert_array_equal(images_of(generate(client, "pixelcnn", class_id=1, seed=3)), a)
+
+
+def test_an_api_error_survives_pickling_whole():
+    """Ray carries exceptions between processes by pickling them: every field must come back."""
+    import pickle
+
+    error = APIError(429, "busy", param="latency_slo_ms", code="slo_unreachable", retry_after_s=2.5)
+    back = pickle.loads(pickle.dumps(error))
+    assert (back.status, back.message, back.param, back.code, back.retry_after_s, back.type, str(back)) == \
+           (429, "busy", "latency_slo_ms", "slo_unreachable", 2.5, error.type, "busy")

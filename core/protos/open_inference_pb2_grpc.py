@@ -74,6 +74,11 @@ class GRPCInferenceServiceStub(object):
                 request_serializer=core_dot_protos_dot_open__inference__pb2.ModelStatisticsRequest.SerializeToString,
                 response_deserializer=core_dot_protos_dot_open__inference__pb2.ModelStatisticsResponse.FromString,
                 _registered_method=True)
+        self.ModelStreamInfer = channel.stream_stream(
+                '/inference.GRPCInferenceService/ModelStreamInfer',
+                request_serializer=core_dot_protos_dot_open__inference__pb2.ModelInferRequest.SerializeToString,
+                response_deserializer=core_dot_protos_dot_open__inference__pb2.ModelStreamInferResponse.FromString,
+                _registered_method=True)
 
 
 class GRPCInferenceServiceServicer(object):
@@ -128,6 +133,14 @@ class GRPCInferenceServiceServicer(object):
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ModelStreamInfer(self, request_iterator, context):
+        """Triton's decoupled streaming: requests in, each answered by its partial images (parameter
+        triton_final_response false) then its final response (true), interleaved with the other requests'
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_GRPCInferenceServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -170,6 +183,11 @@ def add_GRPCInferenceServiceServicer_to_server(servicer, server):
                     servicer.ModelStatistics,
                     request_deserializer=core_dot_protos_dot_open__inference__pb2.ModelStatisticsRequest.FromString,
                     response_serializer=core_dot_protos_dot_open__inference__pb2.ModelStatisticsResponse.SerializeToString,
+            ),
+            'ModelStreamInfer': grpc.stream_stream_rpc_method_handler(
+                    servicer.ModelStreamInfer,
+                    request_deserializer=core_dot_protos_dot_open__inference__pb2.ModelInferRequest.FromString,
+                    response_serializer=core_dot_protos_dot_open__inference__pb2.ModelStreamInferResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -388,6 +406,33 @@ class GRPCInferenceService(object):
             '/inference.GRPCInferenceService/ModelStatistics',
             core_dot_protos_dot_open__inference__pb2.ModelStatisticsRequest.SerializeToString,
             core_dot_protos_dot_open__inference__pb2.ModelStatisticsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ModelStreamInfer(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/inference.GRPCInferenceService/ModelStreamInfer',
+            core_dot_protos_dot_open__inference__pb2.ModelInferRequest.SerializeToString,
+            core_dot_protos_dot_open__inference__pb2.ModelStreamInferResponse.FromString,
             options,
             channel_credentials,
             insecure,

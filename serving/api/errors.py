@@ -6,6 +6,7 @@ families' operations, KServe v2's {"error": message} under /v2 (HTTP), a status 
 gRPC. 4xx is the client's fault, 5xx ours, and the message never carries a traceback."""
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -40,6 +41,12 @@ class APIError(Exception):
         self.status, self.message, self.param, self.code = status, message, param, code
         self.type = type or error_type(status)
         self.retry_after_s = retry_after_s  # a 429 / 503's Retry-After; None: retrying later will not help
+
+    def __reduce__(self):
+        """Pickled whole (Ray carries exceptions between processes): the default would rebuild it from its
+        message alone, which its constructor refuses."""
+        return (functools.partial(APIError, self.status, self.message, type=self.type, param=self.param,
+                                  code=self.code, retry_after_s=self.retry_after_s), ())
 
     def headers(self) -> dict[str, str] | None:
         """Retry-After (whole seconds, rounded up) on a 429 that waiting helps, and on every 503;

@@ -256,21 +256,7 @@ class OpenInference:
         except BaseException:
             self.stats[req.model if req.model != AUTO else self._model(AUTO)].fail.add(time.perf_counter_ns() - start)
             raise
-        stats = self.stats[results[0].model]  # auto's requests count under the model that served them
-        stats.success.add(time.perf_counter_ns() - start)
-        stats.compute.add(int(max(r.replica_ms for r in results) * 1e6))  # the jobs ran concurrently
-        stats.inference_count += sum(len(r.images) for r in results)
-        stats.execution_count += 1
-        stats.last_inference_ms = int(time.time() * 1000)
-        first = results[0]
-        parameters = {"family": first.family, **first.settings.to_dict(), **({"policy": json.dumps(first.policy)}
-                                                                    if first.policy else {})}
-        if first.policy and "cascade" in first.policy:
-            parameters["cascade"] = json.dumps(first.policy["cascade"])
-        if req.drawn_seed is not None:
-            parameters["seed"] = req.drawn_seed
-        return InferResult(first.model, first.version, req.id, np.concatenate([r.images for r in results]),
-                           parameters)
+        return self._finish(req, results, start)
 
     async def infer_stream(self, req: InferRequest) -> AsyncIterator[GenerationPreview | InferResult]:
         """infer's streamed form (gRPC's ModelStreamInfer): the request's partial images as its jobs make them

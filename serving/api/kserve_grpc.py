@@ -14,6 +14,10 @@ remaining), but when the deadline passes, gRPC cancels the call in the proxy, an
 call and, through it, the model call: the request leaves the model's batch then. A deadline the model should
 plan for goes in the parameters latency_slo_ms (or Triton's timeout, in microseconds).
 
+ModelStreamInfer is Triton's decoupled streaming (bidirectional), which Serve's proxy carries to the method
+as a gRPCInputStream of requests; the method is an async generator of ModelStreamInferResponse messages, a
+request's error among them as error_message (Triton's convention), the stream going on.
+
 A request whose bytes do not parse as its message would fail in Serve's proxy, before any of this code, as
 UNKNOWN naming protobuf's DecodeError. `add_GRPCInferenceServiceServicer_to_server` here is the generated
 registration with a request deserializer that passes such bytes on as `Undecodable`, which the method
@@ -22,20 +26,24 @@ answers INVALID_ARGUMENT: name it in grpc_options.grpc_servicer_functions.
 The generated messages are imported on first use, not with this module: the ingress module is imported by
 drivers that may also load Triton's or KServe's own generated `inference` package (tritonclient does), and
 a protobuf descriptor pool refuses a second file defining the same names."""
+import asyncio
 import functools
 import logging
 import time
-from dataclasses import dataclass
+from contextlib import aclosing
+from dataclasses import dataclass, replace
 
 import grpc
 from google.protobuf import json_format
 from google.protobuf.message import DecodeError
 
+from core.checks import is_int
 from core.protos.parameters import parameter_value, set_parameter
 from serving.api import auth
 from serving.api.admission import START_HEADER, TIMEOUT_HEADER, note_client_timeout, note_request_start
 from serving.api.errors import APIError, invalid
-from serving.api.kserve import IMAGE, OUTPUTS, decode_input, parse_infer
+from serving.api.jobs import GenerationPreview
+from serving.api.kserve import IMAGE, OUTPUTS, InferRequest, InferResult, decode_input, parse_infer
 from serving.api.validation import max_body_bytes, resolve_model
 
 logger = logging.getLogger("ray.serve")
@@ -165,24 +173,139 @@ class GRPCInferenceService:
 
     @_answers("ModelInferResponse")
     async def ModelInfer(self, request):
-        if (size := request.ByteSize()) > max_body_bytes():  # the HTTP body's limit (Serve's proxy allows 2 GiB)
-            raise APIError(413, f"the request is larger than this server takes ({max_body_bytes()} bytes, "
-                                f"got {size})", code="body_too_large")
-        resolve_model(request.model_name, self.families)  # unknown: 404 before input checks
-        raw = request.raw_input_contents
-        if raw and len(raw) != len(request.inputs):
-            raise invalid("raw_input_contents", f"raw_input_contents must hold one entry per input "
-                                                f"({len(request.inputs)}), got {len(raw)}")
-        inputs = [decode_input(t.name, t.datatype, list(t.shape), raw[i] if raw else list(t.contents.int64_contents))
-                  for i, t in enumerate(request.inputs)]
-        parameters = {k: parameter_value(v) for k, v in request.parameters.items()}
-        req = parse_infer(request.model_name, request.model_version, request.id, inputs, parameters,
-                          [o.name for o in request.outputs], self.families)
-        result = await self.v2.infer(req)
+        return _infer_response(await self.v2.infer(_infer_request(request, self.families)))
 
-        response = _pb().ModelInferResponse(model_name=result.name, model_version=result.version, id=result.id)
-        for key, value in result.parameters.items():
-            set_parameter(response.parameters[key], value)
-        response.outputs.add(name=IMAGE, datatype=OUTPUTS[IMAGE].datatype, shape=result.images.shape)
-        response.raw_output_contents.append(result.images.tobytes())  # raw, as Triton answers
-        return response
+    async def ModelStreamInfer(self, request_stream, grpc_context):
+        """Triton's decoupled streaming. Each request on the stream runs as its own task, so requests overlap
+        and their responses interleave: with parameter partial_images k (0..3), k responses with the partial
+        images (parameters partial_image_index, step, steps; one-pass models make none), then the final
+        response, ModelInfer's; every response says whether it is its request's last in triton_final_response.
+        A request's error is an error_message on the stream, which goes on. The API key is the stream's (its
+        metadata): without it the stream ends UNAUTHENTICATED. A request's deadline is its own (latency_slo_ms,
+        timeout); Serve's proxy ends the whole stream at grpc_options.request_timeout_s. A client that cancels
+        the stream cancels its requests, which leave the model's step batch at its next step."""
+        try:
+            auth.check_authorization(dict(grpc_context.invocation_metadata()).get("authorization"))
+        except APIError as err:
+            # a generator's status reaches the client only through an exception (Serve's proxy applies
+            # grpc_context with each message, and there is none), which Serve sends with the code and details
+            # set here; a builtin one, as the proxy must unpickle it
+            grpc_context.set_code(status_code(err))
+            grpc_context.set_details(err.message)
+            raise PermissionError(err.message) from None
+        responses: asyncio.Queue = asyncio.Queue()
+        reader = asyncio.create_task(self._run_stream(request_stream, responses))
+        try:
+            while (response := await responses.get()) is not None:
+                yield response
+            await reader   # its failure, if any, is the stream's
+        finally:
+            reader.cancel()   # the client left (or the stream failed): so do its requests
+
+    async def _run_stream(self, request_stream, responses: asyncio.Queue) -> None:
+        """Start a task per request as it arrives; once the client has sent its last, wait for them, then end
+        the responses (None). A cancelled stream ends the input early and cancels its requests' tasks."""
+        tasks: set[asyncio.Task] = set()
+        try:
+            async for request in request_stream:
+                task = asyncio.create_task(self._stream_one(request, responses.put_nowait))
+                tasks.add(task)
+                task.add_done_callback(tasks.discard)
+            if not request_stream.is_cancelled():
+                await asyncio.gather(*tasks)
+        finally:
+            for task in tasks:
+                task.cancel()
+            responses.put_nowait(None)
+
+    async def _stream_one(self, request, send) -> None:
+        """One request of a stream: its responses, or its error, sent as ModelStreamInferResponse messages."""
+        pb = _pb()
+        try:
+            if isinstance(request, Undecodable):
+                raise invalid(None, f"the {request.size} bytes received are not a ModelInferRequest message "
+                                    f"({request.reason})")
+            previews = _partial_images(request)
+            req = _infer_request(request, self.families, dropped=STREAM_PARAMETERS)
+            req = replace(req, jobs=tuple(replace(j, previews=previews) for j in req.jobs))
+            async with aclosing(self.v2.infer_stream(req)) as events:
+                async for event in events:
+                    final = isinstance(event, InferResult)
+                    response = _infer_response(event) if final else _preview_response(req, event)
+                    set_parameter(response.parameters[FINAL], final)
+                    send(pb.ModelStreamInferResponse(infer_response=response))
+        except APIError as err:
+            send(_stream_error(request, err.message))
+        except Exception as exc:
+            logger.exception("genserve ingress: ModelStreamInfer failed")
+            send(_stream_error(request, f"internal error: {type(exc).__name__}"))
+
+
+# ---- ModelInfer's and ModelStreamInfer's messages ---------------------------------------------------------
+
+PARTIAL_IMAGES = "partial_images"   # ModelStreamInfer's: partial images before the final one
+MAX_PARTIAL_IMAGES = 3
+FINAL = "triton_final_response"      # on every streamed response: the request's last or not
+# Parameters ModelStreamInfer takes beyond ModelInfer's. tritonclient's enable_empty_final_response sends the
+# second: it asks for the final flag in a response of its own where the last response could not carry it,
+# and here the last response always does
+STREAM_PARAMETERS = (PARTIAL_IMAGES, "triton_enable_empty_final_response")
+
+
+def _infer_request(request, families: dict[str, str], dropped: tuple[str, ...] = ()) -> InferRequest:
+    """A ModelInferRequest, checked (serving.api.kserve.parse_infer) but for the `dropped` parameters, which
+    the caller reads itself. Raises APIError."""
+    if (size := request.ByteSize()) > max_body_bytes():  # the HTTP body's limit (Serve's proxy allows 2 GiB)
+        raise APIError(413, f"the request is larger than this server takes ({max_body_bytes()} bytes, "
+                            f"got {size})", code="body_too_large")
+    resolve_model(request.model_name, families)  # unknown: 404 before input checks
+    raw = request.raw_input_contents
+    if raw and len(raw) != len(request.inputs):
+        raise invalid("raw_input_contents", f"raw_input_contents must hold one entry per input "
+                                            f"({len(request.inputs)}), got {len(raw)}")
+    inputs = [decode_input(t.name, t.datatype, list(t.shape), raw[i] if raw else list(t.contents.int64_contents))
+              for i, t in enumerate(request.inputs)]
+    parameters = {k: parameter_value(v) for k, v in request.parameters.items() if k not in dropped}
+    return parse_infer(request.model_name, request.model_version, request.id, inputs, parameters,
+                       [o.name for o in request.outputs], families)
+
+
+def _partial_images(request) -> int:
+    value = parameter_value(request.parameters[PARTIAL_IMAGES]) if PARTIAL_IMAGES in request.parameters else 0
+    if not is_int(value) or not 0 <= value <= MAX_PARTIAL_IMAGES:
+        raise invalid(PARTIAL_IMAGES, f"{PARTIAL_IMAGES} must be an integer in [0, {MAX_PARTIAL_IMAGES}], "
+                                      f"got {value!r}")
+    return value
+
+
+def _infer_response(result: InferResult):
+    """ModelInfer's answer: the image output as raw bytes (as Triton answers), and the result's parameters."""
+    response = _pb().ModelInferResponse(model_name=result.name, model_version=result.version, id=result.id)
+    for key, value in result.parameters.items():
+        set_parameter(response.parameters[key], value)
+    _add_image(response, result.images)
+    return response
+
+
+def _preview_response(req: InferRequest, preview: GenerationPreview):
+    """A partial image's response: the image output, and which partial image of how many steps it is."""
+    response = _pb().ModelInferResponse(model_name=preview.model, model_version=preview.version, id=req.id)
+    for key, value in (("partial_image_index", preview.index), ("step", preview.step), ("steps", preview.steps)):
+        set_parameter(response.parameters[key], value)
+    _add_image(response, preview.images)
+    return response
+
+
+def _add_image(response, images) -> None:
+    response.outputs.add(name=IMAGE, datatype=OUTPUTS[IMAGE].datatype, shape=images.shape)
+    response.raw_output_contents.append(images.tobytes())
+
+
+def _stream_error(request, message: str):
+    """Triton's form of one request's error on a stream: error_message, with the request's id and model in
+    infer_response so that a client of several requests at once can tell which failed."""
+    pb = _pb()
+    if isinstance(request, Undecodable):
+        return pb.ModelStreamInferResponse(error_message=message)
+    return pb.ModelStreamInferResponse(error_message=message, infer_response=pb.ModelInferResponse(
+        model_name=request.model_name, model_version=request.model_version, id=request.id))
