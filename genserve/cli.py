@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import sys
 
@@ -51,8 +52,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _stop_now(signum, frame):
+    """Ctrl-C while the command line is still being read (its imports: torch, ONNX Runtime, Ray): nothing has
+    started, so exit at once, as a shell reports it (130), skipping the interpreter's teardown, which can hang
+    on a library whose import the interrupt cut short (CI saw `genserve up` never exit that way)."""
+    os._exit(130)
+
+
 def main(argv: list[str] | None = None) -> int:
+    previous = signal.getsignal(signal.SIGINT)
+    if previous is not signal.SIG_IGN:  # a Ctrl-C its parent ignores stays ignored
+        signal.signal(signal.SIGINT, _stop_now)
     args = build_parser().parse_args(argv)
+    signal.signal(signal.SIGINT, previous)  # the command's own Ctrl-C: KeyboardInterrupt (up: its handler)
     if args.command != "up":  # `up` keeps Python's EPIPE errors: it owns sockets a client may drop
         # Die quietly when the reader of our output goes away (`genserve store ls | head`), as Unix tools do.
         signal.signal(signal.SIGPIPE, signal.SIG_DFL)
