@@ -74,7 +74,8 @@ def _force_stop() -> None:
 
 
 def run_up(args: argparse.Namespace) -> None:
-    signal.signal(signal.SIGINT, _interrupt)
+    if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:  # started with it ignored (nohup, &): it stays so
+        signal.signal(signal.SIGINT, _interrupt)
     signal.signal(signal.SIGTERM, _interrupt)
     try:
         if args.address:

@@ -69,8 +69,15 @@ def gan_store(tmp_path_factory) -> ModelStore:
 
 
 def start_up(*args: str) -> subprocess.Popen:
+    """`genserve up` as a terminal's foreground job: Ctrl-C (SIGINT) at its default. A CI job run in the
+    background has SIGINT ignored, which a child inherits, and an ignored Ctrl-C stays ignored (as Unix tools
+    do): it could never stop `up` then."""
     return subprocess.Popen([*GENSERVE, "up", "--no-build", *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, env=os.environ | {"PYTHONUNBUFFERED": "1"})
+                            text=True, env=os.environ | {"PYTHONUNBUFFERED": "1"}, preexec_fn=_default_sigint)
+
+
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def wait_for_line(proc: subprocess.Popen, prefix: str, timeout_s: float) -> list[str]:
@@ -260,7 +267,7 @@ def test_a_start_up_that_swallows_ctrl_c_is_stopped_anyway(tmp_path):
         "up._up_alone = stuck\n"
         "up.run_up(type('Args', (), {'address': None})())\n")
     proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+                            preexec_fn=_default_sigint)
     child = psutil.Process(int(proc.stdout.readline()))
     start = time.monotonic()
     proc.send_signal(signal.SIGINT)
