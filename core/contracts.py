@@ -138,16 +138,21 @@ def contracts_for(family: str, config: dict[str, Any]) -> list[GraphContract]:
         ]
     if family == "pixelcnn":
         # Full 28x28 images only: a step-batched server mixes requests at different pixels in one forward.
+        # Out: each pixel's mixture of K discretized logistics as its parameters, well-conditioned numbers
+        # whose 256 log-probabilities serving computes in float64 (core.samplers.autoregressive).
         x = _image("x", Domain.LEVELS, "uint8 intensities 0..255 as float32")
+        k = int(config.get("mixtures", 5))
+        mixture = (f"{k} mixture logits, {k} means (of level / 127.5 - 1), {k} log-scales of discretized "
+                   "logistics")
         return [GraphContract("pixelcnn", "step",
                               (x, y, TensorSpec("p", "int64", (BATCH,), Domain.PIXEL,
                                                 f"raster position 0..{NUM_PIXELS - 1} of the pixel to read, per row")),
-                              (TensorSpec("logits", "float32", (BATCH, LEVELS), Domain.REAL,
-                                          "unnormalized log p(pixel p = level | pixels before p, y)"),),
+                              (TensorSpec("mixture", "float32", (BATCH, 3 * k), Domain.REAL,
+                                          f"p(pixel p | pixels before p, y): {mixture}"),),
                               "one autoregressive step: the distribution of each row's pixel p only"),
                 GraphContract("pixelcnn", "logits", (x, y),
-                              (TensorSpec("logits", "float32", (BATCH, LEVELS, *IMAGE_SHAPE[1:]), Domain.REAL,
-                                          "unnormalized log p(pixel = level | pixels before it, y)"),),
+                              (TensorSpec("mixture", "float32", (BATCH, 3 * k, *IMAGE_SHAPE[1:]), Domain.REAL,
+                                          f"p(pixel | pixels before it, y) at every pixel: {mixture}"),),
                               "every pixel's distribution in one teacher-forced forward: the exact likelihood")]
     if family == "diffusion":
         return [GraphContract("diffusion", "denoise",

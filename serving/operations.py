@@ -1,7 +1,8 @@
 """The maths of the families' own operations beyond sampling, around their graphs: VAE latent paths and
-reconstruction error, the flow's dequantized input, PixelCNN's exact likelihood from its logits, and the
-input complexity that corrects a likelihood for anomaly detection. Pure numpy: the deployments run the
-graphs, these functions make what goes in and read what comes out; images are uint8 [n, 28, 28]."""
+reconstruction error, the flow's dequantized input, and the input complexity that corrects a likelihood
+for anomaly detection. Pure numpy: the deployments run the graphs, these functions make what goes in and
+read what comes out; images are uint8 [n, 28, 28]. (PixelCNN's exact likelihood from its mixture
+parameters is core.samplers.autoregressive.bits_per_dim: torch, which only its replica imports.)"""
 from __future__ import annotations
 
 import math
@@ -9,14 +10,10 @@ import zlib
 
 import numpy as np
 
-from core.contracts import NUM_PIXELS
-
-LN2 = math.log(2)
-
 # family -> what its deployment offers beyond `generate`
 FAMILY_OPERATIONS = {"vae": ("interpolate", "reconstruct"), "flow": ("likelihood",), "pixelcnn": ("likelihood",)}
 # family -> the graphs its deployment opens beside its sampling graph for them (PixelCNN samples with
-# `step`, one pixel per row; its likelihood needs every pixel's logits from `logits`)
+# `step`, one pixel per row; its likelihood needs every pixel's mixture parameters from `logits`)
 OPERATION_GRAPHS = {"vae": ("encode",), "flow": ("log_prob",), "pixelcnn": ("logits",)}
 
 
@@ -61,17 +58,6 @@ def dequantize(images: np.ndarray, seed: int) -> np.ndarray:
     The flow's bits/dim is then a one-sample estimate of an upper bound on the 8-bit image's."""
     u = np.random.default_rng(seed).random((len(images), 1, *images.shape[1:]), dtype=np.float32)
     return ((images[:, None].astype(np.float32) + u) / 256.0).astype(np.float32)
-
-
-def pixelcnn_bits_per_dim(logits: np.ndarray, images: np.ndarray) -> np.ndarray:
-    """[n]: exact -log2 p(x) / 784 of images (uint8 [n, 28, 28]) from ONE teacher-forced forward's logits
-    [n, 256, 28, 28] (the graph fed the whole image: masking makes pixel p's logits see pixels < p only):
-    the sum over pixels of the log-softmax at the true level, as families.pixelcnn's bits_per_dim."""
-    top = logits.max(axis=1)                                                   # [n, 28, 28]
-    log_norm = top + np.log(np.exp(logits - top[:, None]).sum(axis=1))         # [n, 28, 28]
-    true = np.take_along_axis(logits, images[:, None].astype(np.int64), axis=1)[:, 0]
-    nats = (log_norm - true).astype(np.float64)                                # per pixel; summed in float64
-    return nats.reshape(len(images), -1).sum(1) / (NUM_PIXELS * LN2)
 
 
 def complexity_bits_per_dim(images: np.ndarray) -> np.ndarray:

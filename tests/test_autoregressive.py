@@ -1,9 +1,12 @@
-"""PixelCNN step maths: inverse-CDF sampling with temperature, classifier-free guidance on the logits."""
+"""PixelCNN step maths: the discretized logistic mixture's log-probabilities and bits/dim in float64,
+inverse-CDF sampling with temperature, classifier-free guidance on the log-probabilities."""
 
+import math
 
 import torch
 
-from core.samplers.autoregressive import LEVELS, draw_uniforms, guided_levels, sample_pixels
+from core.samplers.autoregressive import (LEVELS, bits_per_dim, draw_uniforms, guided_levels, mixture_log_probs,
+                                          sample_pixels)
 
 torch.set_num_threads(1)
 
@@ -66,3 +69,61 @@ def test_guidance_extrapolates_away_from_the_unconditional_logits():
     u = torch.full((2,), 0.5, dtype=torch.float64)
     levels = guided_levels(cond, uncond, torch.tensor([0.0, 10.0]), torch.ones(2), u)
     assert levels.tolist() == [128, 200]     # uniform: the median level; guided 10x: certain of 200
+
+
+def one_logistic(mean: float, log_scale: float, n: int = 1) -> torch.Tensor:
+    """[n, 3] the parameters of one logistic (K = 1) of `mean` in [-1, 1] units."""
+    return torch.tensor([[0.0, mean, log_scale]] * n, dtype=torch.float64)
+
+
+def test_mixture_log_probs_are_the_logistic_cdf_differences_over_the_level_bins():
+    """Level v is the bin v / 127.5 - 1 +- 1/255, levels 0 and 255 take the tails; a mixture weighs its
+    components by softmax(logits). Checked against the CDF written out, where float64 computes it well."""
+    sig = torch.sigmoid
+    v = torch.arange(LEVELS, dtype=torch.float64)
+    x = v / 127.5 - 1
+
+    def cdf(mean, scale, edge):
+        return sig((edge - mean) / scale)
+
+    def one(mean, log_scale):
+        s = math.exp(log_scale)
+        p = cdf(mean, s, x + 1 / 255) - cdf(mean, s, x - 1 / 255)
+        p[0], p[-1] = cdf(mean, s, x[0] + 1 / 255), 1 - cdf(mean, s, x[-1] - 1 / 255)
+        return p
+
+    for mean, log_scale in ((0.0, -3.0), (0.7, -1.0), (-1.2, 0.5), (0.3, 4.0)):
+        got = mixture_log_probs(one_logistic(mean, log_scale))[0]
+        torch.testing.assert_close(got.exp(), one(mean, log_scale), atol=1e-12, rtol=1e-9)
+    mix = torch.tensor([[math.log(0.25), math.log(0.75), -0.5, 0.4, -3.0, -2.0]], dtype=torch.float64)  # K = 2
+    torch.testing.assert_close(mixture_log_probs(mix)[0].exp(), 0.25 * one(-0.5, -3.0) + 0.75 * one(0.4, -2.0),
+                               atol=1e-12, rtol=1e-9)
+
+
+def test_mixture_log_probs_stay_exact_where_the_cdf_difference_cancels():
+    """Far in a tail, a narrow logistic's bin probability is e^-1000 or less: the CDF difference rounds to 0
+    (log -inf) in float64, and the log-probabilities must still be finite, exact (the logistic's tail is
+    e^-(d/s) to leading order) and normalised, and give the training loss finite gradients."""
+    params = one_logistic(-0.9, -7.0, 2).requires_grad_(True)   # the narrowest scale the head allows
+    log_p = mixture_log_probs(params)                            # [2, 256]
+    assert torch.isfinite(log_p).all() and log_p[0, 255] < -1000
+    # level 200's bin starts d = 200 / 127.5 - 1 - 1/255 - (-0.9) from the mean: log P ~ -d/s + log(1 - e^(-w/s))
+    d, s = 200 / 127.5 - 1 - 1 / 255 + 0.9, math.exp(-7.0)
+    torch.testing.assert_close(log_p[0, 200].detach(), torch.tensor(-d / s + math.log(-math.expm1(-2 / 255 / s)),
+                                                                  dtype=torch.float64), atol=1e-6, rtol=0)
+    torch.testing.assert_close(torch.logsumexp(log_p, 1).detach(), torch.zeros(2, dtype=torch.float64),
+                               atol=1e-12, rtol=0)
+    images = torch.tensor([[[0, 255]]]).expand(2, 1, 2)          # a 1x2 image of the end levels: the tails
+    bits_per_dim(params[:, :, None, None].expand(2, 3, 1, 2), images).sum().backward()
+    assert torch.isfinite(params.grad).all()
+
+
+def test_bits_per_dim_sums_the_true_levels_log_probabilities():
+    g = torch.Generator().manual_seed(0)
+    params = torch.randn(3, 9, 28, 28, generator=g)               # K = 3
+    images = torch.randint(0, LEVELS, (3, 28, 28), generator=g)
+    log_p = mixture_log_probs(params)                             # [3, 256, 28, 28]
+    want = -log_p.gather(1, images[:, None])[:, 0].flatten(1).sum(1) / (784 * math.log(2))
+    torch.testing.assert_close(bits_per_dim(params, images), want, atol=1e-12, rtol=0)
+    # the likelihood operation feeds the graph's float32 parameters and uint8 images
+    torch.testing.assert_close(bits_per_dim(params, images.to(torch.uint8)), want, atol=1e-12, rtol=0)

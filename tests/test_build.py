@@ -112,7 +112,7 @@ def test_sampling_settings_per_family():
     assert {(s.sampler, s.steps) for s in diffusion.allowed} == \
            {("dpmpp_2m", 10), ("dpmpp_2m", 15), ("dpmpp_2m", 20), ("dpmpp_2m", 25), ("ddim", 25), ("ddim", 50)}
     assert sampling_settings("flow").default == SamplingSetting(temperature=0.7)
-    assert sampling_settings("pixelcnn").default == SamplingSetting(guidance_scale=2.0, temperature=0.9)
+    assert sampling_settings("pixelcnn").default == SamplingSetting(guidance_scale=2.0, temperature=1.0)
     assert sampling_settings("gan").default == SamplingSetting() == sampling_settings("vae").default
 
 

@@ -5,6 +5,7 @@ one run over a real ONNX Runtime session. Fake runners and a fake clock: no slee
 from __future__ import annotations
 
 import asyncio
+import math
 import random
 import threading
 
@@ -44,13 +45,18 @@ def toy_denoiser(x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Ten
     return (x - a.sqrt() * x0) / (1 - a).sqrt() + 0.05 * torch.tanh(3 * x)
 
 
-def toy_logits(x: torch.Tensor, y: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
-    """Causal and per-row: pixel p's logits peak at a level set by pixel p-1, the class and p, so the
-    image depends on every pixel sampled before (a fake PixelCNN step). [R,1,28,28], [R], [R] -> [R,256]."""
+def logistic(level: torch.Tensor, log_scale: float) -> torch.Tensor:
+    """[R] levels -> [R, 3] the step graph's output for one logistic (K = 1) centred on each level."""
+    return torch.stack([torch.zeros_like(level), level / 127.5 - 1, torch.full_like(level, log_scale)], 1)
+
+
+def toy_mixture(x: torch.Tensor, y: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """Causal and per-row: pixel p's distribution peaks at a level set by pixel p-1, the class and p, so
+    the image depends on every pixel sampled before (a fake PixelCNN step). [R,1,28,28], [R], [R] -> [R,3]."""
     flat = x.flatten(1)  # [R, 784]
-    prev = torch.cat([torch.zeros_like(flat[:, :1]), flat[:, :-1]], 1).gather(1, p[:, None])  # [R, 1]
-    target = (prev * 0.5 + 10 * y[:, None] + p[:, None]) % 256  # [R, 1]
-    return -(torch.arange(256.0)[None, :] - target).abs() / 3  # [R, 256]
+    prev = torch.cat([torch.zeros_like(flat[:, :1]), flat[:, :-1]], 1).gather(1, p[:, None])[:, 0]  # [R]
+    target = (prev * 0.5 + 10 * y + p) % 256  # [R]
+    return logistic(target, math.log(3 / 127.5))  # a scale of 3 levels
 
 
 class FakeRunner:
@@ -78,7 +84,7 @@ def engine(runner=None, *, max_rows: int = 64, clock=None, family: str = "diffus
     if family == "diffusion":
         stepper = DiffusionStepper(runner or FakeRunner())
     else:
-        stepper = PixelCNNStepper(runner or FakeRunner(toy_logits))
+        stepper = PixelCNNStepper(runner or FakeRunner(toy_mixture))
     return EngineCore(stepper, max_rows=max_rows, **({"clock": clock} if clock else {}))
 
 
@@ -268,8 +274,8 @@ def test_pixelcnn_per_image_seeds_and_classes_give_each_image_as_its_one_image_r
     request = pixelcnn(n=4, **PER_IMAGE, **kw)
     singles = [pixelcnn(class_id=c, seed=seed, **kw) for c, seed in zip(PER_IMAGE["class_ids"], PER_IMAGE["seeds"])]
     assert request.rows == sum(r.rows for r in singles)
-    together = alone(request, toy_logits, "pixelcnn")
-    assert torch.equal(together, torch.cat([alone(r, toy_logits, "pixelcnn") for r in singles]))
+    together = alone(request, toy_mixture, "pixelcnn")
+    assert torch.equal(together, torch.cat([alone(r, toy_mixture, "pixelcnn") for r in singles]))
     assert torch.equal(together[0], together[2])
     outputs = run(engine(family="pixelcnn"), {0: [("p", request), ("m", pixelcnn(n=2, seed=3, **kw))]})
     assert torch.equal(outputs["p"].result(), together)
@@ -430,12 +436,13 @@ def test_the_policy_simulator_admits_and_steps_as_the_engine_does():
 # --- PixelCNN ----------------------------------------------------------------------------------------
 
 def test_pixelcnn_feeds_each_sampled_pixel_back_in_raster_order():
-    """Logits certain of (pixel p-1) + 1: the image must come out as 0, 1, 2, ... in raster order."""
+    """The narrowest logistic on (pixel p-1) + 1, sharpened by a low temperature: the image must come out
+    as 0, 1, 2, ... in raster order."""
     def next_level(x, y, p):
         prev = torch.cat([torch.full_like(x.flatten(1)[:, :1], -1), x.flatten(1)[:, :-1]], 1)
-        return torch.nn.functional.one_hot(((prev.gather(1, p[:, None])[:, 0] + 1) % 256).long(), 256).float() * 100
+        return logistic((prev.gather(1, p[:, None])[:, 0] + 1) % 256, -7.0)  # 97% on its level, 1e-19 at T 0.1
 
-    image = alone(pixelcnn(n=2, temperature=2.0), next_level, family="pixelcnn")
+    image = alone(pixelcnn(n=2, temperature=0.1), next_level, family="pixelcnn")
     assert image.dtype == torch.uint8 and image.shape == (2, 1, 28, 28)
     assert torch.equal(image, (torch.arange(784) % 256).reshape(1, 1, 28, 28).expand(2, -1, -1, -1).to(torch.uint8))
 
@@ -445,20 +452,20 @@ PIXEL_MIX = [(0, pixelcnn(seed=1)), (0, pixelcnn(n=2, temperature=0.7, seed=2, c
 
 
 def test_pixelcnn_requests_at_different_positions_share_forwards_and_match_alone():
-    runner = FakeRunner(toy_logits)
+    runner = FakeRunner(toy_mixture)
     arrivals = {}
     for i, (k, r) in enumerate(PIXEL_MIX):
         arrivals.setdefault(k, []).append((f"p{i}", r))
     outputs = run(engine(runner, family="pixelcnn"), arrivals)
     assert len(runner.calls) == 500 + 784 and max(len(y) for y, _ in runner.calls) == 5
     for i, (_, r) in enumerate(PIXEL_MIX):
-        assert torch.equal(outputs[f"p{i}"].result(), alone(r, toy_logits, "pixelcnn")), f"p{i}"
+        assert torch.equal(outputs[f"p{i}"].result(), alone(r, toy_mixture, "pixelcnn")), f"p{i}"
 
 
 def test_a_real_pixelcnn_mixes_positions_and_matches_alone():
     """The families' Gated PixelCNN (tiny, random): it sees whole images with zeros past each row's
     position, so its masks must hide them; and a request's image must not depend on its batch-mate.
-    (Its logits differ by ~1e-7 across batch sizes: a sample could flip only on a CDF boundary.)"""
+    (Its outputs differ by ~1e-7 across batch sizes: a sample could flip only on a CDF boundary.)"""
     from families.pixelcnn import Config, build
 
     torch.manual_seed(0)
@@ -466,7 +473,7 @@ def test_a_real_pixelcnn_mixes_positions_and_matches_alone():
     x = torch.randint(0, 256, (1, 1, 28, 28)).float()
     junk = x.clone()
     junk.view(-1)[300:] = 255.0 - junk.view(-1)[300:]
-    with torch.no_grad():  # pixel 300 (row 10, column 20): its logits ignore it and everything after it
+    with torch.no_grad():  # pixel 300 (row 10, column 20): its mixture ignores it and everything after it
         y = torch.tensor([2])
         assert (model(x, y)[..., 10, 20] - model(junk, y)[..., 10, 20]).abs().max() < 1e-5
 

@@ -118,13 +118,17 @@ def test_sample_inputs_stay_in_domain():
 
 
 def test_pixelcnn_step_graph_reads_the_logits_graph_at_each_rows_pixel(exported):
-    """The served step graph returns exactly what the likelihood graph has at each row's own pixel p."""
+    """The served step graph returns exactly what the likelihood graph has at each row's own pixel p: the
+    mixture parameters (3K per pixel, K from the config), whose log-probabilities serving computes."""
     _, step = _graph(exported, "pixelcnn", "step")
     _, full = _graph(exported, "pixelcnn", "logits")
+    width = 3 * get_family("pixelcnn").Config(**SMALL["pixelcnn"]).mixtures
+    assert step.contract.outputs[0].shape == (BATCH, width)
     feeds = sample_inputs(step.contract, 5, np.random.default_rng(1))
-    got = make_session(step.path, threads=1).run(None, feeds)[0]                          # [5, 256]
-    logits = make_session(full.path, threads=1).run(None, {k: feeds[k] for k in ("x", "y")})[0]
-    np.testing.assert_allclose(got, logits.reshape(5, C.LEVELS, -1)[np.arange(5), :, feeds["p"]], atol=1e-5)
+    got = make_session(step.path, threads=1).run(None, feeds)[0]                          # [5, 3K]
+    mixture = make_session(full.path, threads=1).run(None, {k: feeds[k] for k in ("x", "y")})[0]
+    assert mixture.shape == (5, width, 28, 28)
+    np.testing.assert_allclose(got, mixture.reshape(5, width, -1)[np.arange(5), :, feeds["p"]], atol=1e-5)
     assert feeds["p"].min() >= 0 and feeds["p"].max() < C.NUM_PIXELS
 
 

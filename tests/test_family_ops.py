@@ -28,7 +28,7 @@ from serving.api import family_ops, openapi, validation
 from serving.api.errors import APIError
 from serving.api.openai import _IGNORED, _KNOWN, parse_image_request
 from serving.api.png import decode_png, encode_png
-from serving.operations import complexity_bits_per_dim, lerp, pixelcnn_bits_per_dim, slerp
+from serving.operations import complexity_bits_per_dim, lerp, slerp
 from tests.helpers import http_json, run_cli
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:ray.*")
@@ -217,15 +217,6 @@ def test_slerp_keeps_the_ends_and_a_gaussians_norm():
     # the straight line's middle falls towards the origin, where N(0, I) has little mass; the great circle's not
     assert np.linalg.norm(lerp(a, b, 3)[1]) < 0.7 * np.linalg.norm(slerp(a, b, 3)[1])
     np.testing.assert_allclose(slerp(a, a, 4), np.stack([a] * 4), atol=1e-6)
-
-
-def test_pixelcnn_bits_per_dim_is_the_cross_entropy_at_the_true_levels():
-    rng = np.random.default_rng(0)
-    logits = rng.standard_normal((3, 256, 28, 28)).astype(np.float32) * 3
-    images = rng.integers(0, 256, (3, 28, 28), dtype=np.uint8)
-    expected = torch.nn.functional.cross_entropy(torch.from_numpy(logits), torch.from_numpy(images).long(),
-                                                 reduction="none").flatten(1).sum(1) / (784 * math.log(2))
-    np.testing.assert_allclose(pixelcnn_bits_per_dim(logits, images), expected.numpy(), rtol=1e-5)
 
 
 def test_complexity_ranks_blank_below_real_below_noise():

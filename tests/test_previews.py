@@ -68,8 +68,7 @@ def test_diffusion_previews_approach_the_final_image():
 
 
 def test_a_pixelcnn_preview_is_the_pixels_sampled_so_far():
-    from tests.test_engine import toy_logits
-    outputs = outputs_of(engine(FakeRunner(toy_logits), family="pixelcnn"), pixelcnn(previews=3, n=2))
+    outputs = outputs_of(engine(family="pixelcnn"), pixelcnn(previews=3, n=2))
     assert [o.step for o in outputs] == [196, 392, 588, 784]
     final = outputs[-1].images.flatten(1)
     for o in outputs[:-1]:

@@ -16,9 +16,11 @@ from contextlib import aclosing
 from dataclasses import asdict
 
 import numpy as np
+import torch
 from ray import serve
 
 from core.contracts import NUM_PIXELS, sample_inputs
+from core.samplers.autoregressive import bits_per_dim
 from core.settings import DPMPP_2M, SamplingSetting
 from serving.api.jobs import (GenerationJob, GenerationPreview, GenerationResult, ImagesJob, LikelihoodResult, ModelInfo,
                               ReplicaLoad)
@@ -29,7 +31,7 @@ from serving.engine.autoscaling import ROW_DEMAND
 from serving.errors import ModelUnavailable, unless_unavailable
 from serving.observability import report_model_ready
 from serving.observability.engine import StepTiming, export_engine_metrics
-from serving.operations import OPERATION_GRAPHS, pixelcnn_bits_per_dim
+from serving.operations import OPERATION_GRAPHS
 from serving.runtime import load_model, node_address, replica_cpus, threads_for
 
 logger = logging.getLogger("ray.serve")
@@ -147,7 +149,8 @@ class IterativeDeployment:
     @unless_unavailable
     async def log_likelihood(self, job: ImagesJob) -> LikelihoodResult:
         """pixelcnn: exact bits/dim of each image from ONE teacher-forced forward of the `logits` graph (the
-        whole image in, every pixel's distribution out; the engine samples with `step`, one pixel per row),
+        whole image in, every pixel's mixture parameters out, their log-probabilities at the image's levels
+        in float64 here; the engine samples with `step`, one pixel per row),
         beside the engine rather than through its step loop, in chunks of max_batch_rows. ValueError (HTTP
         400) on diffusion, which has no likelihood."""
         start = time.perf_counter()
@@ -158,8 +161,8 @@ class IterativeDeployment:
         for i in range(0, len(job.images), size):
             images = job.images[i:i + size]
             feeds = {"x": images[:, None].astype(np.float32), "y": np.full(len(images), job.class_id, np.int64)}
-            logits = await asyncio.to_thread(self.model.extra["logits"].run, feeds)  # [n, 256, 28, 28]
-            bits.append(pixelcnn_bits_per_dim(logits, images))
+            mixture = await asyncio.to_thread(self.model.extra["logits"].run, feeds)  # [n, 3K, 28, 28]
+            bits.append(bits_per_dim(torch.from_numpy(mixture), torch.from_numpy(images)).numpy())
         return LikelihoodResult(np.concatenate(bits), self.model.name, self.model.version, self.model.family,
                                 (time.perf_counter() - start) * 1000)
 

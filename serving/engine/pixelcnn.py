@@ -1,7 +1,8 @@
 """The PixelCNN family around the forward pass: one row per image (two when guided), each request at its
 own pixel position (steps_done in raster order), all in ONE forward of the step graph, which returns only
-the distribution of each row's own pixel; then each image's pixel is sampled with its request's
-temperature, guidance scale and generator and written into its x.
+the distribution of each row's own pixel (a logistic mixture's parameters); then its 256 log-probabilities
+are computed in float64 and each image's pixel is sampled with its request's temperature, guidance scale and
+generator and written into its x.
 
 Row layout, as diffusion's: requests in plan order, each taking a contiguous block: its n conditional
 rows, then an unconditional row (class NULL_CLASS) for each guided image, at that image's x and position.
@@ -11,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from core.samplers.autoregressive import IMAGE_SIZE, draw_uniforms, guided_levels
+from core.samplers.autoregressive import IMAGE_SIZE, draw_uniforms, guided_levels, mixture_log_probs
 from serving.engine.request import PixelCNNState
 from serving.engine.runner import StepRunner
 from serving.engine.scheduler import StepPlan
@@ -22,9 +23,9 @@ class PixelCNNStepper:
         self.runner = runner
 
     def execute(self, plan: StepPlan) -> torch.Tensor:
-        """Runs once per step, off the event loop: ONE forward -> logits [R, 256], row i's at its own pixel.
-        The graph sees whole images; masking makes pixel p's logits depend on pixels < p only, so the
-        not-yet-sampled zeros after each row's position do not matter."""
+        """Runs once per step, off the event loop: ONE forward -> mixture parameters [R, 3K], row i's at its
+        own pixel. The graph sees whole images; masking makes pixel p's distribution depend on pixels < p
+        only, so the not-yet-sampled zeros after each row's position do not matter."""
         xs, ys, ps = [], [], []
         for s in plan.requests:
             xs += [s.x, s.x[s.guided]]
@@ -32,8 +33,9 @@ class PixelCNNStepper:
             ps.append(torch.full((s.rows,), s.steps_done, dtype=torch.int64))
         return self.runner.execute(torch.cat(xs), torch.cat(ys), torch.cat(ps))
 
-    def update(self, plan: StepPlan, logits: torch.Tensor) -> None:
+    def update(self, plan: StepPlan, mixture: torch.Tensor) -> None:
         """Runs after the forward: sample every image's pixel at its request's position and write it."""
+        log_p = mixture_log_probs(mixture)  # [R, 256] float64
         states: list[PixelCNNState] = plan.requests
         cond, uncond, scale, temperature = [], [], [], []  # per image
         generators, counts = [], []
@@ -49,7 +51,7 @@ class PixelCNNStepper:
             generators += s.generators
             counts += [n] if len(s.generators) == 1 else [1] * n  # all its images at once, or one each
             row += s.rows
-        levels = guided_levels(logits[torch.cat(cond)], logits[torch.cat(uncond)], torch.cat(scale),
+        levels = guided_levels(log_p[torch.cat(cond)], log_p[torch.cat(uncond)], torch.cat(scale),
                                torch.cat(temperature), draw_uniforms(generators, counts))
         start = 0
         for s in states:

@@ -25,7 +25,7 @@ class DenoiseRunner(Protocol):
 class StepRunner(Protocol):
     def execute(self, x: torch.Tensor, y: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
         """Called once per PixelCNN engine step, off the event loop: x [R, 1, 28, 28] float32 levels
-        0..255, y [R] int64 class, p [R] int64 raster position -> logits [R, 256] float32 of pixel p of
+        0..255, y [R] int64 class, p [R] int64 raster position -> mixture parameters [R, 3K] float32 of pixel p of
         each row. Row i of the output depends on row i only."""
         ...
 
