@@ -104,8 +104,16 @@ def interrupt(proc: subprocess.Popen) -> tuple[float, set[psutil.Process]]:
     while proc.poll() is None and time.monotonic() - start < STOP_WITHIN_S + 30:
         seen |= descendants(proc.pid)
         time.sleep(0.1)
-    proc.wait(timeout=1)
-    return time.monotonic() - start, seen
+    took = time.monotonic() - start
+    if proc.poll() is None:  # it did not stop: kill what it started, so that a failing test leaves nothing behind
+        for p in seen | descendants(proc.pid):
+            try:
+                p.kill()
+            except psutil.NoSuchProcess:
+                pass
+        proc.kill()
+    proc.wait(timeout=10)
+    return took, seen
 
 
 def get_json(url: str) -> dict:
