@@ -94,6 +94,16 @@ def client_timeout_s() -> float | None:
     return max(0.001, arrival + ms / 1000 - time.monotonic())
 
 
+def with_request_deadline(jobs: list[GenerationJob]) -> list[GenerationJob]:
+    """The jobs with the request's deadline: the client's timeout if tighter than their own, less the time
+    spent before the ingress (START_HEADER)."""
+    if (left := client_timeout_s()) is not None:  # the client's timeout is the deadline if tighter
+        jobs = [dataclasses.replace(j, timeout_s=min(j.timeout_s or left, left)) for j in jobs]
+    if spent := spent_before_ingress_s():  # X-Request-Start: the budget counts from the client's side
+        jobs = [dataclasses.replace(j, timeout_s=max(0.001, j.timeout_s - spent)) if j.timeout_s else j for j in jobs]
+    return jobs
+
+
 class Admission:
     def __init__(self, manifests: dict[str, Manifest], default_slo_ms: float = PolicyConfig.default_slo_ms):
         self.policy = Policy([ServedModel(name, m) for name, m in manifests.items()],

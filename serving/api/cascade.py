@@ -28,7 +28,7 @@ import numpy as np
 from ray.serve.handle import DeploymentHandle
 
 from core.contracts import NULL_CLASS
-from serving.api.admission import client_timeout_s, spent_before_ingress_s
+from serving.api.admission import with_request_deadline
 from serving.api.errors import APIError, invalid
 from serving.api.jobs import GenerationJob, GenerationResult, PolicyHints
 from serving.api.validation import AUTO
@@ -88,12 +88,7 @@ async def run_cascade(ingress, model: str, jobs: list[GenerationJob], hints: Pol
     if ingress.cascade is None:
         raise invalid("cascade", "cascade needs the judge, which this application does not serve (args.judge; "
                                  "`genserve build` publishes it)")
-    # the request's deadline on its jobs, as Ingress._admit sets it
-    if (left := client_timeout_s()) is not None:
-        jobs = [dataclasses.replace(j, timeout_s=min(j.timeout_s or left, left)) for j in jobs]
-    if spent := spent_before_ingress_s():
-        jobs = [dataclasses.replace(j, timeout_s=max(0.001, j.timeout_s - spent)) if j.timeout_s else j for j in jobs]
-    return await ingress.cascade.run(ingress, model, jobs, hints)
+    return await ingress.cascade.run(ingress, model, with_request_deadline(jobs), hints)
 
 
 class Cascade:

@@ -29,7 +29,7 @@ from serving.api.http import api, logger
 from model_store.manifest import Manifest
 from serving.api.cascade import Cascade, run_cascade
 from serving.api.admission import (START_HEADER, TIMEOUT_HEADER, Admission, Outcome, client_timeout_s,
-                                   note_client_timeout, note_request_start, spent_before_ingress_s)
+                                   note_client_timeout, note_request_start, with_request_deadline)
 from serving.api.jobs import (GenerationJob, GenerationPreview, GenerationResult, ImagesJob, InterpolationJob,
                               PolicyHints)
 from serving.api.errors import APIError
@@ -145,10 +145,7 @@ class Ingress(GRPCInferenceService):  # gRPC: Serve's proxy calls the method nam
                ) -> tuple[Decision | None, str, list[GenerationJob]]:
         """The request's deadline on its jobs (the client's timeout if tighter, less the time spent before the
         ingress), then the policy's decision (None without admission): the model to call and the jobs to send."""
-        if (left := client_timeout_s()) is not None:  # the client's timeout is the deadline if tighter
-            jobs = [dataclasses.replace(j, timeout_s=min(j.timeout_s or left, left)) for j in jobs]
-        if spent := spent_before_ingress_s():  # X-Request-Start: the budget counts from the client's side
-            jobs = [dataclasses.replace(j, timeout_s=max(0.001, j.timeout_s - spent)) if j.timeout_s else j for j in jobs]
+        jobs = with_request_deadline(jobs)
         if self.admission is None:
             if model == AUTO:
                 raise APIError(400, "model 'auto' needs the policy, which this application runs without "
